@@ -1,0 +1,316 @@
+"""Pairwise registration in world coordinates: preprocessing, pre-alignment, the network on a
+shared lattice, and the resulting maps as world-space transforms.
+
+Direction vocabulary (fixed = B, moving = A, as in the published tool):
+
+* ``forward`` = phi_AB as a :class:`WorldTransform`: maps FIXED-space world points to
+  MOVING-space world points. It resamples the moving image onto the fixed grid
+  (``from-moving_to-fixed_mode-image``).
+* ``inverse`` = phi_BA: maps MOVING-space points to FIXED-space points; resamples the fixed image
+  onto the moving grid (``from-fixed_to-moving_mode-image``). The network computes it with the
+  inputs swapped; it is phi_AB's inverse-consistent partner.
+
+How the pair reaches the network:
+
+1. Both images are intensity-normalised in their stored orientation.
+2. Pre-alignment gives ``A``, a world affine fixed -> moving (``none``: the reference tool's voxel
+   correspondence; ``header``: identity, trusting the headers; ``affine``: centre-of-mass
+   initialisation plus a multi-resolution affine fit).
+3. The network lattice is laid over the fixed image's field of view (stored RAS-closest, so the
+   storage order of the fixed image does not matter; ``none`` keeps the stored order, as the
+   reference does). The fixed image is resized onto it as the reference does; the moving image
+   is sampled at ``A(x)`` for every lattice point ``x``.
+4. The network's maps (normalised lattice coordinates) become displacement fields in world mm
+   on a lattice of the same resolution covering each direction's reference field of view.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import prealign as prealign_module
+from .errors import InputDataError
+from .geometry import Grid, network_box, network_box_grid, to_tensor_layout
+from .inference import IO_LEARNING_RATE, IO_STEPS, PairMaps, instance_optimise
+from .network import identity_grid, warp
+from .preprocess import MODALITIES, binarise_mask, preprocess
+from .similarity import SIMILARITIES
+from .transforms import DisplacementField, WorldTransform, sample_trilinear
+from .volume import Volume
+
+LOGGER = logging.getLogger(__name__)
+
+PREALIGN_MODES = ("none", "header", "affine")
+MASKING_MODES = ("input", "loss")
+DEFAULT_NETWORK_SIZE = 175
+#: Smallest lattice on which the 44^3 level still has room for five down-steps.
+MIN_NETWORK_SIZE = 65
+
+
+@dataclass
+class RegistrationResult:
+    """Both directions as world transforms, plus what produced them.
+
+    ``forward`` maps fixed -> moving points (resamples moving onto fixed); ``inverse`` maps
+    moving -> fixed points. ``prealign`` is the 4x4 world affine fixed -> moving (RAS mm).
+    """
+
+    forward: WorldTransform
+    inverse: WorldTransform
+    prealign: np.ndarray
+    maps: PairMaps
+    timings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class NetworkPair:
+    """The pair on the network lattice: tensors (1, 1, N, N, N) in tensor layout, the lattice's
+    map ``fixed_box`` (normalised coordinates -> fixed world RAS), the moving image's own grid
+    (for the inverse field) and the world affine ``prealign`` (fixed -> moving)."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_box: np.ndarray
+    fixed_grid: Grid
+    moving_grid: Grid
+    prealign: np.ndarray
+    fixed_mask: torch.Tensor | None = None
+    moving_mask: torch.Tensor | None = None
+
+
+def resize_to_lattice(data: np.ndarray, size: int, mode: str = "trilinear") -> torch.Tensor:
+    """Resize an (i, j, k) array onto the N^3 lattice in tensor layout, exactly as the reference
+    does (``F.interpolate``, ``align_corners=False``; ``nearest`` for masks)."""
+    tensor = torch.from_numpy(to_tensor_layout(np.asarray(data, dtype=np.float32)))[None, None]
+    kwargs = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(tensor, size=(size,) * 3, mode=mode, **kwargs)
+
+
+def lattice_indices_in(grid: Grid, lattice_to_world: np.ndarray, size: int) -> np.ndarray:
+    """Continuous voxel indices of ``grid`` at every N^3 lattice point, in tensor layout
+    (N, N, N, 3); ``lattice_to_world`` maps normalised lattice coordinates to world RAS."""
+    to_index = np.linalg.inv(grid.affine) @ lattice_to_world
+    t = identity_grid((size,) * 3, dtype=torch.float64)[0].permute(1, 2, 3, 0).numpy()
+    return t @ to_index[:3, :3].T + to_index[:3, 3]
+
+
+def sample_on_lattice(volume: Volume, lattice_to_world: np.ndarray, size: int,
+                      nearest: bool = False) -> torch.Tensor:
+    """Sample ``volume`` at the world positions of the N^3 lattice: (1, 1, N, N, N), tensor
+    layout; zero beyond half a voxel outside the volume."""
+    index = lattice_indices_in(volume.grid, lattice_to_world, size).reshape(-1, 3)
+    if nearest:
+        index = np.round(index)
+    values = sample_trilinear(volume.data, index, outside_half_voxel="zero")
+    return torch.from_numpy(values.reshape((size,) * 3))[None, None]
+
+
+def world_field(displacement: torch.Tensor, fixed_box: np.ndarray, field_grid: Grid,
+                field_to_fixed: np.ndarray, fixed_to_output: np.ndarray) -> DisplacementField:
+    """A network map as a world displacement field on ``field_grid``.
+
+    ``displacement`` is phi - identity on the lattice (1, 3, N, N, N). For a field-grid point
+    ``p`` (world of the field), the lattice point is ``t = fixed_box^-1 field_to_fixed p`` and the
+    field stores ``L (phi(t) - t)`` with L the linear part of ``fixed_to_output fixed_box``:
+    the transform built from it maps ``p`` to ``fixed_to_output^-1`` of
+    ``fixed_to_output fixed_box phi(t)``. Because ``fixed_to_output field_to_fixed = I`` in both
+    uses, the lattice terms cancel exactly and only the (small) displacement is carried.
+    Displacements outside the lattice are border-clamped, as inside the network.
+    """
+    index_to_t = np.linalg.inv(fixed_box) @ field_to_fixed @ field_grid.affine
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in field_grid.shape],
+                                 indexing="ij"), axis=0)  # (3, i, j, k)
+    t = np.einsum("ab,bijk->aijk", index_to_t[:3, :3], index) + index_to_t[:3, 3, None, None, None]
+    coords = torch.from_numpy(t.astype(np.float32))[None].to(displacement.device)
+    with torch.no_grad():
+        sampled = warp(displacement, coords)[0].to("cpu", torch.float64)  # (3, i, j, k)
+    linear = (fixed_to_output @ fixed_box)[:3, :3]
+    vectors = np.einsum("wa,aijk->ijkw", linear, sampled.numpy())
+    return DisplacementField(field_grid, vectors.astype(np.float32))
+
+
+def padded(grid: Grid, voxels: int = 1) -> Grid:
+    """``grid`` grown by ``voxels`` on every side (same spacing and direction)."""
+    shift = np.eye(4)
+    shift[:3, 3] = -voxels
+    return Grid(tuple(n + 2 * voxels for n in grid.shape), grid.affine @ shift)
+
+
+def transforms_from_maps(pair: NetworkPair, maps: PairMaps, size: int
+                         ) -> tuple[WorldTransform, WorldTransform]:
+    """World transforms (forward: fixed -> moving points, inverse: moving -> fixed points) from
+    the lattice maps. Each field covers its direction's reference field of view at lattice
+    resolution, one voxel wider on each side so that every voxel of the reference image is
+    inside it."""
+    identity = identity_grid((size,) * 3, maps.phi_ab.device, maps.phi_ab.dtype)
+    a = pair.prealign
+    a_inv = np.linalg.inv(a)
+    forward_grid = padded(network_box_grid(pair.fixed_grid, size))
+    inverse_grid = padded(network_box_grid(pair.moving_grid, size))
+    forward_field = world_field(maps.phi_ab - identity, pair.fixed_box, forward_grid,
+                                np.eye(4), np.eye(4))
+    inverse_field = world_field(maps.phi_ba - identity, pair.fixed_box, inverse_grid,
+                                a_inv, a)
+    return WorldTransform(a, forward_field), WorldTransform(a_inv, inverse_field)
+
+
+def network_pair(fixed: Volume, moving: Volume, *, size: int, prealign: str = "affine",
+                 fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None
+                 ) -> NetworkPair:
+    """Put two normalised volumes on the shared network lattice (see module docstring).
+
+    ``fixed_mask``/``moving_mask`` are boolean arrays on each volume's grid, carried to the
+    lattice for loss masking (nearest neighbour) and given to the affine pre-alignment.
+    """
+    if prealign not in PREALIGN_MODES:
+        raise ValueError(f"unknown pre-alignment {prealign!r}; choose from {PREALIGN_MODES}")
+    if prealign == "none":
+        fixed_grid, moving_grid = fixed.grid, moving.grid
+        fixed_box = network_box(fixed_grid, size)
+        a = network_box(moving_grid, size) @ np.linalg.inv(fixed_box)
+        moving_tensor = resize_to_lattice(moving.data, size)
+        moving_lattice_mask = (None if moving_mask is None
+                               else resize_to_lattice(moving_mask, size, "nearest"))
+    else:
+        fixed_c = fixed.canonical()
+        moving_c = moving.canonical()
+        masks = {}
+        if fixed_mask is not None:
+            masks["fixed_mask"] = Volume(fixed.grid, fixed_mask.astype(np.float32)).canonical().data > 0
+        if moving_mask is not None:
+            masks["moving_mask"] = Volume(moving.grid, moving_mask.astype(np.float32)).canonical().data > 0
+        fixed, fixed_grid, moving_grid = fixed_c, fixed_c.grid, moving_c.grid
+        fixed_mask = masks.get("fixed_mask")
+        if prealign == "header":
+            a = np.eye(4)
+        else:
+            a = prealign_module.prealign(fixed_c, moving_c, "affine", **masks)
+        fixed_box = network_box(fixed_grid, size)
+        moving_tensor = sample_on_lattice(moving_c, a @ fixed_box, size)
+        moving_lattice_mask = None
+        if "moving_mask" in masks:
+            moving_lattice_mask = sample_on_lattice(
+                Volume(moving_grid, masks["moving_mask"].astype(np.float32)), a @ fixed_box, size,
+                nearest=True)
+    return NetworkPair(
+        fixed=resize_to_lattice(fixed.data, size),
+        moving=moving_tensor,
+        fixed_box=fixed_box,
+        fixed_grid=fixed_grid,
+        moving_grid=moving_grid,
+        prealign=a,
+        fixed_mask=None if fixed_mask is None else resize_to_lattice(fixed_mask, size, "nearest"),
+        moving_mask=moving_lattice_mask,
+    )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is refused clearly."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputDataError("--device cuda was requested but no CUDA GPU is available here")
+    return device
+
+
+class Registrar:
+    """A loaded network that registers pairs, one after another, in world coordinates.
+
+    Load it once and call :meth:`register` for every pair (cohorts): the weights are read and
+    checked once, and instance optimisation restores them after each pair.
+    """
+
+    def __init__(self, model: str = "unigradicon", weights=None, *, device="auto",
+                 network_size: int = DEFAULT_NETWORK_SIZE, download: bool = False):
+        from .weights import load_network  # local import keeps `import ugi_bids.engine` light
+
+        if int(network_size) < MIN_NETWORK_SIZE:
+            raise ValueError(f"network grid must be at least {MIN_NETWORK_SIZE}^3 "
+                             f"(got {network_size}); the released model uses 175")
+        self.device = resolve_device(device)
+        self.network_size = int(network_size)
+        start = time.perf_counter()
+        self.network, self.weights = load_network(model, weights, device=self.device,
+                                                  download=download)
+        self.load_seconds = time.perf_counter() - start
+
+    def register(self, fixed: Volume, moving: Volume, *, fixed_modality: str = "mri",
+                 moving_modality: str = "mri", fixed_mask: Volume | None = None,
+                 moving_mask: Volume | None = None, masking: str = "input",
+                 prealign: str = "affine", io_iterations: int = IO_STEPS,
+                 io_similarity: str = "lncc", io_learning_rate: float = IO_LEARNING_RATE
+                 ) -> RegistrationResult:
+        """Register ``moving`` onto ``fixed``; returns both directions as world transforms.
+
+        Parameters
+        ----------
+        fixed, moving : Volume
+            Raw intensities; any orientation, field of view and voxel size.
+        fixed_modality, moving_modality : {"mri", "ct"}
+            Chooses the intensity window (see :mod:`ugi_bids.engine.preprocess`).
+        fixed_mask, moving_mask : Volume, optional
+            Masks on each image's grid (non-zero = inside). With ``masking="input"`` they are
+            multiplied into the normalised images; with ``"loss"`` they restrict the IO
+            similarity. Both feed the affine pre-alignment.
+        prealign : {"none", "header", "affine"}
+        io_iterations : int
+            Instance-optimisation steps (0 = plain inference).
+        io_similarity : {"lncc", "lncc2", "mind"}
+        """
+        for name, value in (("fixed", fixed_modality), ("moving", moving_modality)):
+            if value not in MODALITIES:
+                raise ValueError(f"{name} modality must be one of {MODALITIES}, got {value!r}")
+        if masking not in MASKING_MODES:
+            raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
+        if io_similarity not in SIMILARITIES:
+            raise ValueError(f"IO similarity must be one of {tuple(SIMILARITIES)}")
+        timings = {}
+        start = time.perf_counter()
+        fixed_inside = None if fixed_mask is None else binarise_mask(fixed_mask, fixed, "fixed mask")
+        moving_inside = None if moving_mask is None else binarise_mask(moving_mask, moving,
+                                                                        "moving mask")
+        fixed_n = preprocess(fixed, fixed_modality, fixed_mask, masking == "input", "fixed image")
+        moving_n = preprocess(moving, moving_modality, moving_mask, masking == "input",
+                              "moving image")
+        timings["preprocess_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        pair = network_pair(fixed_n, moving_n, size=self.network_size, prealign=prealign,
+                            fixed_mask=fixed_inside, moving_mask=moving_inside)
+        timings["prealign_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        loss_masks = {}
+        if masking == "loss":
+            loss_masks = {"mask_a": _to(pair.moving_mask, self.device),
+                          "mask_b": _to(pair.fixed_mask, self.device)}
+        maps = instance_optimise(self.network, pair.moving.to(self.device),
+                                 pair.fixed.to(self.device), steps=io_iterations,
+                                 similarity=io_similarity, learning_rate=io_learning_rate,
+                                 **loss_masks)
+        timings["network_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        forward, inverse = transforms_from_maps(pair, maps, self.network_size)
+        timings["transforms_s"] = time.perf_counter() - start
+        settings = {
+            "model": self.weights.model, "network_size": self.network_size,
+            "prealign": prealign, "io_iterations": io_iterations,
+            "io_similarity": io_similarity, "io_learning_rate": io_learning_rate,
+            "fixed_modality": fixed_modality, "moving_modality": moving_modality,
+            "masking": masking if (fixed_mask is not None or moving_mask is not None) else None,
+            "device": str(self.device),
+        }
+        return RegistrationResult(forward, inverse, pair.prealign, maps, timings, settings)
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
