@@ -20,7 +20,6 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -121,11 +120,14 @@ def run_register(args: argparse.Namespace) -> dict:
 
     from .itk_io import write_composite_h5, write_displacement_nifti
     from .jacobian import folding_fraction, jacobian_determinant, log_jacobian
-    from .outputs import staged_outputs
+    from .outputs import check_output_folder, staged_outputs
     from .register import Registrar
     from .warp import apply_transform
 
     started = time.perf_counter()
+    paths = output_paths(args.out_prefix, args.displacement_nifti, args.jacobian)
+    out_folder = os.path.dirname(os.path.abspath(paths["summary"]))
+    check_output_folder(out_folder)
     fixed = load_volume(args.fixed, "fixed image")
     moving = load_volume(args.moving, "moving image")
     fixed_mask = load_volume(args.fixed_mask, "fixed mask") if args.fixed_mask else None
@@ -141,8 +143,6 @@ def run_register(args: argparse.Namespace) -> dict:
         io_similarity=args.io_similarity, io_learning_rate=args.io_lr)
     timings = dict(result.timings)
 
-    paths = output_paths(args.out_prefix, args.displacement_nifti, args.jacobian)
-    out_folder = os.path.dirname(os.path.abspath(paths["summary"]))
     with staged_outputs(out_folder) as staged:
         start = time.perf_counter()
         write_composite_h5(result.forward, staged.stage(paths["forward"]))

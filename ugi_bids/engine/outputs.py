@@ -55,6 +55,18 @@ class StagedOutputs:
                 pass
 
 
+def check_output_folder(folder: str | os.PathLike) -> None:
+    """Fail early (OutputError, exit 73) when ``folder`` cannot be created or written, without
+    creating anything: checked on its nearest existing ancestor."""
+    path = Path(os.path.abspath(folder))
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise OutputError(f"cannot create output folder {folder}: {path} is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to output folder {folder}: {path} is not writable")
+
+
 @contextmanager
 def staged_outputs(folder: str | os.PathLike | None = None) -> Iterator[StagedOutputs]:
     """Context manager: commit the staged files on success, discard them on any error.
