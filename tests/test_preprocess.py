@@ -87,10 +87,12 @@ def test_loss_masks_restrict_the_io_objective(random_checkpoint):
     points = brain.grid.world_coordinates()[::5, ::5, ::5].reshape(-1, 3)
     assert np.allclose(plain.forward.map_points(points), masked.forward.map_points(points))
 
-    from ugi_bids.engine.register import network_pair
     from ugi_bids.engine.preprocess import binarise_mask
-    pair = network_pair(normalise_intensities(brain, "mri"), normalise_intensities(shifted, "mri"),
-                        size=65, prealign="none", fixed_mask=binarise_mask(mask, brain),
+    from ugi_bids.engine.register import network_pair, prealignment
+    fixed_n, moving_n = normalise_intensities(brain, "mri"), normalise_intensities(shifted, "mri")
+    pair = network_pair(fixed_n, moving_n,
+                        prealignment(fixed_n, moving_n, "none", network_size=65), size=65,
+                        keep_storage=True, fixed_mask=binarise_mask(mask, brain),
                         moving_mask=binarise_mask(shifted_mask, shifted))
     assert 0.05 < float(pair.fixed_mask.mean()) < 0.95
     similarity = get_similarity("lncc")  # the masking of each similarity: test_reference_parity

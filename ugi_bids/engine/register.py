@@ -161,52 +161,63 @@ def transforms_from_maps(pair: NetworkPair, maps: PairMaps, size: int
     return WorldTransform(a, forward_field), WorldTransform(a_inv, inverse_field)
 
 
-def network_pair(fixed: Volume, moving: Volume, *, size: int, prealign: str = "affine",
-                 fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None
-                 ) -> NetworkPair:
+def prealignment(fixed: Volume, moving: Volume, mode: str = "affine", *,
+                 network_size: int = DEFAULT_NETWORK_SIZE,
+                 fixed_mask: np.ndarray | None = None,
+                 moving_mask: np.ndarray | None = None) -> np.ndarray:
+    """The world affine that maps FIXED-space points to MOVING-space points (RAS mm, 4x4).
+
+    ``none``: the voxel-grid correspondence of the published tool (the moving network box
+    composed with the inverse of the fixed one; depends on ``network_size``), ``header``: the
+    identity, ``affine``: :func:`ugi_bids.engine.prealign.prealign` (centre of mass + affine fit,
+    restricted to the boolean masks on each image's grid when given).
+    """
+    if mode not in PREALIGN_MODES:
+        raise ValueError(f"unknown pre-alignment {mode!r}; choose from {PREALIGN_MODES}")
+    if mode == "none":
+        return network_box(moving.grid, network_size) @ np.linalg.inv(
+            network_box(fixed.grid, network_size))
+    return prealign_module.prealign(fixed, moving, mode, fixed_mask=fixed_mask,
+                                    moving_mask=moving_mask)
+
+
+def network_pair(fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *, size: int,
+                 keep_storage: bool = False, fixed_mask: np.ndarray | None = None,
+                 moving_mask: np.ndarray | None = None) -> NetworkPair:
     """Put two normalised volumes on the shared network lattice (see module docstring).
 
-    ``fixed_mask``/``moving_mask`` are boolean arrays on each volume's grid, carried to the
-    lattice for loss masking (nearest neighbour) and given to the affine pre-alignment.
+    ``prealign_affine`` maps fixed world points to moving world points. ``keep_storage`` (the
+    ``none`` mode) lays the lattice over the images as stored and resizes both exactly as the
+    reference does; otherwise the lattice covers the fixed image in its RAS-closest storage and
+    the moving image is sampled through the affine. ``fixed_mask``/``moving_mask`` (boolean, on
+    each volume's grid) are carried to the lattice by nearest neighbour for loss masking.
     """
-    if prealign not in PREALIGN_MODES:
-        raise ValueError(f"unknown pre-alignment {prealign!r}; choose from {PREALIGN_MODES}")
-    if prealign == "none":
-        fixed_grid, moving_grid = fixed.grid, moving.grid
-        fixed_box = network_box(fixed_grid, size)
-        a = network_box(moving_grid, size) @ np.linalg.inv(fixed_box)
+    def as_volume(mask, like):
+        return None if mask is None else Volume(like.grid, np.asarray(mask, dtype=np.float32))
+
+    fixed_mask_v, moving_mask_v = as_volume(fixed_mask, fixed), as_volume(moving_mask, moving)
+    if not keep_storage:
+        fixed, moving = fixed.canonical(), moving.canonical()
+        fixed_mask_v = None if fixed_mask_v is None else fixed_mask_v.canonical()
+        moving_mask_v = None if moving_mask_v is None else moving_mask_v.canonical()
+    fixed_box = network_box(fixed.grid, size)
+    if keep_storage:
         moving_tensor = resize_to_lattice(moving.data, size)
-        moving_lattice_mask = (None if moving_mask is None
-                               else resize_to_lattice(moving_mask, size, "nearest"))
+        moving_lattice_mask = (None if moving_mask_v is None
+                               else resize_to_lattice(moving_mask_v.data, size, "nearest"))
     else:
-        fixed_c = fixed.canonical()
-        moving_c = moving.canonical()
-        masks = {}
-        if fixed_mask is not None:
-            masks["fixed_mask"] = Volume(fixed.grid, fixed_mask.astype(np.float32)).canonical().data > 0
-        if moving_mask is not None:
-            masks["moving_mask"] = Volume(moving.grid, moving_mask.astype(np.float32)).canonical().data > 0
-        fixed, fixed_grid, moving_grid = fixed_c, fixed_c.grid, moving_c.grid
-        fixed_mask = masks.get("fixed_mask")
-        if prealign == "header":
-            a = np.eye(4)
-        else:
-            a = prealign_module.prealign(fixed_c, moving_c, "affine", **masks)
-        fixed_box = network_box(fixed_grid, size)
-        moving_tensor = sample_on_lattice(moving_c, a @ fixed_box, size)
-        moving_lattice_mask = None
-        if "moving_mask" in masks:
-            moving_lattice_mask = sample_on_lattice(
-                Volume(moving_grid, masks["moving_mask"].astype(np.float32)), a @ fixed_box, size,
-                nearest=True)
+        moving_tensor = sample_on_lattice(moving, prealign_affine @ fixed_box, size)
+        moving_lattice_mask = (None if moving_mask_v is None else sample_on_lattice(
+            moving_mask_v, prealign_affine @ fixed_box, size, nearest=True))
     return NetworkPair(
         fixed=resize_to_lattice(fixed.data, size),
         moving=moving_tensor,
         fixed_box=fixed_box,
-        fixed_grid=fixed_grid,
-        moving_grid=moving_grid,
-        prealign=a,
-        fixed_mask=None if fixed_mask is None else resize_to_lattice(fixed_mask, size, "nearest"),
+        fixed_grid=fixed.grid,
+        moving_grid=moving.grid,
+        prealign=np.asarray(prealign_affine, dtype=np.float64),
+        fixed_mask=(None if fixed_mask_v is None
+                    else resize_to_lattice(fixed_mask_v.data, size, "nearest")),
         moving_mask=moving_lattice_mask,
     )
 
@@ -270,9 +281,6 @@ class Registrar:
                 raise ValueError(f"{name} modality must be one of {MODALITIES}, got {value!r}")
         if masking not in MASKING_MODES:
             raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
-        if io_similarity not in SIMILARITIES:
-            raise ValueError(f"IO similarity must be one of {tuple(SIMILARITIES)}")
-        timings = {}
         start = time.perf_counter()
         fixed_inside = None if fixed_mask is None else binarise_mask(fixed_mask, fixed, "fixed mask")
         moving_inside = None if moving_mask is None else binarise_mask(moving_mask, moving,
@@ -280,22 +288,56 @@ class Registrar:
         fixed_n = preprocess(fixed, fixed_modality, fixed_mask, masking == "input", "fixed image")
         moving_n = preprocess(moving, moving_modality, moving_mask, masking == "input",
                               "moving image")
-        timings["preprocess_s"] = time.perf_counter() - start
+        preprocess_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        pair = network_pair(fixed_n, moving_n, size=self.network_size, prealign=prealign,
-                            fixed_mask=fixed_inside, moving_mask=moving_inside)
-        timings["prealign_s"] = time.perf_counter() - start
+        affine = prealignment(fixed_n, moving_n, prealign, network_size=self.network_size,
+                              fixed_mask=fixed_inside, moving_mask=moving_inside)
+        prealign_s = time.perf_counter() - start
+        result = self.register_prealigned(
+            fixed_n, moving_n, affine, keep_storage=prealign == "none",
+            loss_masks=(fixed_inside, moving_inside) if masking == "loss" else None,
+            io_iterations=io_iterations, io_similarity=io_similarity,
+            io_learning_rate=io_learning_rate)
+        result.timings = {"preprocess_s": preprocess_s, "prealign_s": prealign_s,
+                          **result.timings}
+        result.settings.update({
+            "prealign": prealign, "fixed_modality": fixed_modality,
+            "moving_modality": moving_modality,
+            "masking": masking if (fixed_mask is not None or moving_mask is not None) else None,
+        })
+        return result
+
+    def register_prealigned(self, fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *,
+                            keep_storage: bool = False, loss_masks: tuple | None = None,
+                            io_iterations: int = IO_STEPS, io_similarity: str = "lncc",
+                            io_learning_rate: float = IO_LEARNING_RATE) -> RegistrationResult:
+        """The network step on two NORMALISED volumes already related by ``prealign_affine``
+        (fixed world -> moving world, RAS mm; see :func:`prealignment`).
+
+        ``keep_storage`` must be True for the ``none`` pre-alignment (lattice over the stored
+        grids, as the reference). ``loss_masks`` = (fixed mask, moving mask) boolean arrays on
+        the volumes' grids (either may be None) restrict the IO similarity.
+        """
+        if io_similarity not in SIMILARITIES:
+            raise ValueError(f"IO similarity must be one of {tuple(SIMILARITIES)}")
+        timings = {}
+        start = time.perf_counter()
+        fixed_mask, moving_mask = loss_masks if loss_masks is not None else (None, None)
+        pair = network_pair(fixed, moving, prealign_affine, size=self.network_size,
+                            keep_storage=keep_storage, fixed_mask=fixed_mask,
+                            moving_mask=moving_mask)
+        timings["lattice_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        loss_masks = {}
-        if masking == "loss":
-            loss_masks = {"mask_a": _to(pair.moving_mask, self.device),
-                          "mask_b": _to(pair.fixed_mask, self.device)}
+        masks = {}
+        if loss_masks is not None:
+            masks = {"mask_a": _to(pair.moving_mask, self.device),
+                     "mask_b": _to(pair.fixed_mask, self.device)}
         maps = instance_optimise(self.network, pair.moving.to(self.device),
                                  pair.fixed.to(self.device), steps=io_iterations,
                                  similarity=io_similarity, learning_rate=io_learning_rate,
-                                 **loss_masks)
+                                 **masks)
         timings["network_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -303,11 +345,8 @@ class Registrar:
         timings["transforms_s"] = time.perf_counter() - start
         settings = {
             "model": self.weights.model, "network_size": self.network_size,
-            "prealign": prealign, "io_iterations": io_iterations,
-            "io_similarity": io_similarity, "io_learning_rate": io_learning_rate,
-            "fixed_modality": fixed_modality, "moving_modality": moving_modality,
-            "masking": masking if (fixed_mask is not None or moving_mask is not None) else None,
-            "device": str(self.device),
+            "io_iterations": io_iterations, "io_similarity": io_similarity,
+            "io_learning_rate": io_learning_rate, "device": str(self.device),
         }
         return RegistrationResult(forward, inverse, pair.prealign, maps, timings, settings)
 

@@ -1,0 +1,1 @@
+"""ugi-bids cli."""

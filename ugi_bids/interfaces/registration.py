@@ -1,0 +1,159 @@
+"""Nipype interfaces over the engine's file-level steps (:mod:`ugi_bids.engine.files`).
+
+Each interface declares its traits and calls exactly one engine function; the logic lives in
+the engine. Directions: the *forward* transform maps fixed (template) points to moving (subject)
+points, i.e. it resamples the moving image onto the fixed grid (``from-<moving>_to-<fixed>``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    isdefined, traits)
+
+from ..engine import files as engine_files
+
+
+def _optional(value):
+    return value if isdefined(value) and value else None
+
+
+class _NormaliseInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image to normalise")
+    modality = traits.Enum("mri", "ct", usedefault=True, desc="intensity window")
+
+
+class _NormaliseOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="intensities clipped and scaled to [0, 1], float32")
+
+
+class NormaliseIntensities(SimpleInterface):
+    """uniGradICON intensity preprocessing (CT: [-1000, 1000] HU; MRI: [min, p99])."""
+
+    input_spec = _NormaliseInputSpec
+    output_spec = _NormaliseOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_file"] = engine_files.normalise_image(
+            self.inputs.in_file, self.inputs.modality,
+            os.path.join(runtime.cwd, "normalised.nii.gz"))
+        return runtime
+
+
+class _PrealignInputSpec(BaseInterfaceInputSpec):
+    fixed_image = File(exists=True, mandatory=True, desc="normalised fixed (template) image")
+    moving_image = File(exists=True, mandatory=True, desc="normalised moving (subject) image")
+    mode = traits.Enum("affine", "header", "none", usedefault=True, desc="pre-alignment mode")
+    network_size = traits.Int(175, usedefault=True, desc="network grid (used by mode none)")
+    fixed_mask = File(exists=True, desc="mask of the fixed image (restricts the affine fit)")
+
+
+class _PrealignOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="affine .h5 mapping fixed points to moving points")
+
+
+class Prealign(SimpleInterface):
+    """World-space pre-alignment (centre of mass + multi-resolution affine)."""
+
+    input_spec = _PrealignInputSpec
+    output_spec = _PrealignOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_file"] = engine_files.prealign_images(
+            self.inputs.fixed_image, self.inputs.moving_image, self.inputs.mode,
+            os.path.join(runtime.cwd, "prealign_xfm.h5"), network_size=self.inputs.network_size,
+            fixed_mask_file=_optional(self.inputs.fixed_mask))
+        return runtime
+
+
+class _UniGradICONInputSpec(BaseInterfaceInputSpec):
+    fixed_image = File(exists=True, mandatory=True, desc="normalised fixed (template) image")
+    moving_image = File(exists=True, mandatory=True, desc="normalised moving (subject) image")
+    prealign_xfm = File(exists=True, mandatory=True, desc="affine from Prealign")
+    keep_storage = traits.Bool(False, usedefault=True,
+                               desc="lattice over the stored grids (pre-alignment 'none')")
+    model = traits.Enum("unigradicon", "multigradicon", usedefault=True)
+    weights = File(exists=True, desc="weights file (default: the cache)")
+    device = traits.Str("auto", usedefault=True, desc="auto, cpu or cuda[:N]")
+    use_gpu = traits.Bool(False, usedefault=True,
+                          desc="tells nipype's MultiProc to schedule this node on a GPU slot")
+    network_size = traits.Int(175, usedefault=True, desc="network input grid N^3")
+    io_iterations = traits.Int(50, usedefault=True, desc="instance-optimisation steps")
+    io_similarity = traits.Enum("lncc", "lncc2", "mind", usedefault=True)
+
+
+class _UniGradICONOutputSpec(TraitedSpec):
+    forward_xfm = File(exists=True, desc="maps fixed points to moving points (moving -> fixed "
+                                         "resampling)")
+    inverse_xfm = File(exists=True, desc="maps moving points to fixed points (fixed -> moving "
+                                         "resampling)")
+    provenance = traits.Dict(desc="model, weights SHA-256/URL, settings, timings")
+
+
+class UniGradICON(SimpleInterface):
+    """uniGradICON inference and instance optimisation; both directions as ITK composites."""
+
+    input_spec = _UniGradICONInputSpec
+    output_spec = _UniGradICONOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["forward_xfm"] = os.path.join(runtime.cwd, "forward_xfm.h5")
+        self._results["inverse_xfm"] = os.path.join(runtime.cwd, "inverse_xfm.h5")
+        self._results["provenance"] = engine_files.register_images(
+            self.inputs.fixed_image, self.inputs.moving_image, self.inputs.prealign_xfm,
+            forward_file=self._results["forward_xfm"], inverse_file=self._results["inverse_xfm"],
+            keep_storage=self.inputs.keep_storage, model=self.inputs.model,
+            weights=_optional(self.inputs.weights), device=self.inputs.device,
+            network_size=self.inputs.network_size, io_iterations=self.inputs.io_iterations,
+            io_similarity=self.inputs.io_similarity)
+        return runtime
+
+
+class _ApplyInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image to resample")
+    transform = File(exists=True, mandatory=True, desc="mode-image transform (.h5)")
+    reference = File(exists=True, mandatory=True, desc="image defining the output grid")
+    interpolation = traits.Enum("linear", "nearest", "label", usedefault=True)
+
+
+class _ApplyOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="resampled image")
+
+
+class ApplyTransform(SimpleInterface):
+    """Resample an image through a mode-image transform onto a reference grid."""
+
+    input_spec = _ApplyInputSpec
+    output_spec = _ApplyOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_file"] = engine_files.resample_image(
+            self.inputs.in_file, self.inputs.transform, self.inputs.reference,
+            os.path.join(runtime.cwd, f"{engine_files.stem(self.inputs.in_file)}_resampled.nii.gz"),
+            self.inputs.interpolation)
+        return runtime
+
+
+class _JacobianInputSpec(BaseInterfaceInputSpec):
+    transform = File(exists=True, mandatory=True, desc="mode-image transform (.h5)")
+    reference = File(exists=True, mandatory=True, desc="grid on which to evaluate it")
+
+
+class _JacobianOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="log Jacobian determinant (det clipped at 1e-3)")
+    folded_fraction = traits.Float(desc="fraction of voxels with det <= 0")
+
+
+class LogJacobian(SimpleInterface):
+    """Log Jacobian determinant map of a transform, and its folded-voxel fraction."""
+
+    input_spec = _JacobianInputSpec
+    output_spec = _JacobianOutputSpec
+
+    def _run_interface(self, runtime):
+        out_file = os.path.join(runtime.cwd, "logjacobian.nii.gz")
+        self._results["folded_fraction"] = engine_files.log_jacobian_image(
+            self.inputs.transform, self.inputs.reference, out_file)
+        self._results["out_file"] = out_file
+        return runtime

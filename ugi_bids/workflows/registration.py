@@ -1,0 +1,144 @@
+"""Registration of one anatomical image to one template (or any fixed image)."""
+
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from ..interfaces.registration import (ApplyTransform, LogJacobian, NormaliseIntensities,
+                                       Prealign, UniGradICON)
+
+#: Peak memory of the registration node, GB, measured on CPU (see benchmarks/): inference of
+#: both directions at 175^3, and instance optimisation (dominated by the backward pass).
+MEM_GB_INFERENCE = {175: 4.0, "sloppy": 1.5}
+MEM_GB_IO = {175: 14.0, "sloppy": 3.0}
+
+PREALIGN_TEXT = {
+    "affine": ("The images were first aligned in world (scanner) coordinates: initialised by "
+               "their intensity centres of mass, then by a multi-resolution affine fit (8, 4 and "
+               "2 mm; rigid, then 12 degrees of freedom) maximising Mattes mutual information"),
+    "header": "The images were related through the coordinates in their headers",
+    "none": ("The images were related voxel grid to voxel grid, as in the published uniGradICON "
+             "tool (no world-space alignment)"),
+}
+
+
+def registration_mem_gb(network_size: int, io_iterations: int) -> float:
+    """Memory to reserve for one registration node (GB)."""
+    key = 175 if network_size >= 175 else "sloppy"
+    return (MEM_GB_IO if io_iterations > 0 else MEM_GB_INFERENCE)[key]
+
+
+def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
+                                 model: str = "unigradicon", weights: str | None = None,
+                                 device: str = "auto", prealign: str = "affine",
+                                 network_size: int = 175, io_iterations: int = 50,
+                                 io_similarity: str = "lncc", omp_nthreads: int = 1,
+                                 template_has_mask: bool = False, name: str = "register_template_wf") -> Workflow:
+    """Register an anatomical image to a template with uniGradICON, both directions.
+
+    Workflow graph: normalise both images -> pre-align (world space) -> uniGradICON (+ instance
+    optimisation) -> resample the anatomical image into the template, log-Jacobian map.
+
+    Parameters
+    ----------
+    template_label : str
+        The space label (e.g. ``MNI152NLin2009cAsym``), used in the boilerplate.
+    modality : {"mri", "ct"}
+        Intensity model of the anatomical image.
+    model, weights, device, prealign, network_size, io_iterations, io_similarity
+        Engine settings (see ``ugi-register --help``).
+    omp_nthreads : int
+        Threads the registration node may use (``n_procs`` for the scheduler).
+    template_has_mask : bool
+        Whether ``template_mask`` will be given (it then restricts the affine fit).
+
+    Inputs
+    ------
+    moving_image
+        The subject's anatomical image (raw, any orientation).
+    template_image
+        The template image (fixed).
+    template_mask
+        The template's brain mask (optional; restricts the affine fit).
+
+    Outputs
+    -------
+    forward_xfm
+        ``from-<anat>_to-<template>_mode-image``: maps template points to subject points,
+        resamples the subject image onto the template grid.
+    inverse_xfm
+        ``from-<template>_to-<anat>_mode-image``: the opposite direction.
+    anat_in_template
+        The subject image resampled onto the template grid (linear).
+    log_jacobian
+        Log Jacobian determinant of the forward map on the template grid.
+    provenance
+        Model, weights SHA-256 and URL, settings, timings and folded-voxel fraction.
+    """
+    workflow = Workflow(name=name)
+    io_text = (f"followed by {io_iterations} steps of instance optimisation (Adam, learning rate "
+               f"2e-5; loss: {io_similarity.upper()} similarity in both directions plus 1.5 x "
+               "GradICON)" if io_iterations else "without instance optimisation")
+    workflow.__desc__ = f"""
+The anatomical image was registered to the *{template_label}* template with
+{'multiGradICON [@multigradicon]' if model == 'multigradicon' else 'uniGradICON [@unigradicon]'},
+a registration foundation model built on GradICON [@gradicon], as implemented in *ugi-bids*
+(with PyTorch [@pytorch] and ITK [@itk]). {PREALIGN_TEXT[prealign]}.
+Both images were rescaled to [0, 1] ({'CT: -1000 to 1000 HU' if modality == 'ct' else
+'MRI: from the minimum to the 99th percentile'}) and resampled to a {network_size}^3 network
+grid; the network produced both the forward map and its inverse-consistent partner,
+{io_text}. Transforms were written as ITK composite files (an affine and a displacement field
+in world coordinates), and the anatomical image was resampled into the template space with
+trilinear interpolation in a single step.
+"""
+    inputnode = pe.Node(niu.IdentityInterface(fields=["moving_image", "template_image",
+                                                      "template_mask"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=[
+        "forward_xfm", "inverse_xfm", "anat_in_template", "log_jacobian", "provenance"]),
+        name="outputnode")
+
+    normalise_moving = pe.Node(NormaliseIntensities(modality=modality), name="normalise_moving")
+    normalise_template = pe.Node(NormaliseIntensities(modality="mri"), name="normalise_template")
+    prealign_node = pe.Node(Prealign(mode=prealign, network_size=network_size),
+                            name="prealign", n_procs=1, mem_gb=1.0)
+    register = pe.Node(
+        UniGradICON(model=model, device=device, use_gpu=device not in ("cpu",),
+                    network_size=network_size, io_iterations=io_iterations,
+                    io_similarity=io_similarity, keep_storage=prealign == "none",
+                    **({"weights": str(weights)} if weights else {})),
+        name="unigradicon", n_procs=omp_nthreads,
+        mem_gb=registration_mem_gb(network_size, io_iterations))
+    resample = pe.Node(ApplyTransform(interpolation="linear"), name="resample_anat", mem_gb=1.0)
+    jacobian = pe.Node(LogJacobian(), name="log_jacobian", mem_gb=1.0)
+    provenance = pe.Node(niu.Function(function=_add_folding, output_names=["provenance"]),
+                         name="provenance", run_without_submitting=True)
+
+    workflow.connect([
+        (inputnode, normalise_moving, [("moving_image", "in_file")]),
+        (inputnode, normalise_template, [("template_image", "in_file")]),
+        (normalise_template, prealign_node, [("out_file", "fixed_image")]),
+        (normalise_moving, prealign_node, [("out_file", "moving_image")]),
+        (normalise_template, register, [("out_file", "fixed_image")]),
+        (normalise_moving, register, [("out_file", "moving_image")]),
+        (prealign_node, register, [("out_file", "prealign_xfm")]),
+        (inputnode, resample, [("moving_image", "in_file"), ("template_image", "reference")]),
+        (register, resample, [("forward_xfm", "transform")]),
+        (inputnode, jacobian, [("template_image", "reference")]),
+        (register, jacobian, [("forward_xfm", "transform")]),
+        (register, provenance, [("provenance", "provenance")]),
+        (jacobian, provenance, [("folded_fraction", "folded_fraction")]),
+        (register, outputnode, [("forward_xfm", "forward_xfm"), ("inverse_xfm", "inverse_xfm")]),
+        (resample, outputnode, [("out_file", "anat_in_template")]),
+        (jacobian, outputnode, [("out_file", "log_jacobian")]),
+        (provenance, outputnode, [("provenance", "provenance")]),
+    ])
+    if template_has_mask:
+        workflow.connect(inputnode, "template_mask", prealign_node, "fixed_mask")
+    return workflow
+
+
+def _add_folding(provenance: dict, folded_fraction: float) -> dict:
+    """The registration provenance plus the folded-voxel fraction of the forward map."""
+    return dict(provenance, FoldedVoxelFraction=float(folded_fraction))
