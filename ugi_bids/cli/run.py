@@ -1,0 +1,189 @@
+"""The ``ugi-bids`` entry point: ``ugi-bids BIDS_DIR OUTPUT_DIR participant [options]``.
+
+Order of work, so that bad input fails fast and leaves nothing behind:
+
+1. parse the command line (one-line errors, BIDS-App exit codes);
+2. index the dataset, select participants, sessions and one reference image per session and
+   suffix; check every selected image (readable, 3D, finite);
+3. resolve every output space to template files (TemplateFlow or custom paths) and the weights;
+4. only then create the output folder, write ``dataset_description.json``, ``.bidsignore`` and
+   ``logs/CITATION.*``, build the Nipype workflow and run it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..engine.errors import UgiError
+from .config import Config
+from .parser import parse_args, report_error
+
+LOGGER = logging.getLogger("ugi_bids")
+
+
+class NoDataError(UgiError):
+    """The filters selected no usable image: exit 18."""
+
+    exit_code = 18
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ugi-bids``; returns the exit code (never raises for user errors)."""
+    try:
+        config = parse_args(argv)
+    except UgiError as error:
+        return report_error(error)
+    _setup_logging(config.verbose)
+    try:
+        return run(config)
+    except UgiError as error:
+        return report_error(error)
+    except KeyboardInterrupt:
+        print("ugi-bids: interrupted", file=sys.stderr)
+        return 130
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%y%m%d-%H:%M:%S", stream=sys.stderr)
+    LOGGER.setLevel(min(level, logging.INFO))
+    from nipype import logging as nipype_logging
+    nipype_logging.getLogger("nipype.workflow").setLevel(
+        logging.INFO if verbose else logging.WARNING)
+
+
+def select_inputs(config: Config) -> dict:
+    """``{participant: {session: {suffix: reference image}}}`` for the run; participants (or
+    sessions) without any usable image are reported and skipped, or stop the run under
+    ``--stop-on-first-crash``."""
+    from ..engine.volume import load_volume
+    from ..utils.bids import collect_anatomicals, load_layout, participants, select_reference
+
+    layout = load_layout(config.bids_dir, config.bids_database_dir,
+                         validate=not config.skip_bids_validation)
+    selected = {}
+    for participant in participants(layout, config.participant_label):
+        found = collect_anatomicals(layout, participant, suffixes=tuple(config.anat_suffixes),
+                                    sessions=tuple(config.session_label),
+                                    filters=config.bids_filters)
+        sessions = {}
+        for session, suffixes in found.items():
+            chosen = {suffix: select_reference(files) for suffix, files in suffixes.items()
+                      if files}
+            if chosen:
+                sessions[session] = chosen
+            else:
+                _no_image(config, participant, session)
+        if not sessions:
+            _no_image(config, participant, None)
+            continue
+        for suffixes in sessions.values():
+            for image in suffixes.values():
+                load_volume(image, "anatomical image")  # bad data stop the run here (exit 65)
+        selected[participant] = sessions
+    if not selected:
+        raise NoDataError("no usable anatomical image ({}) was selected for participant(s) {}; "
+                          "check --participant-label, --session-label, --anat-suffixes and the "
+                          "BIDS filter file".format(", ".join(config.anat_suffixes),
+                                                    ", ".join(config.participant_label) or "(all)"))
+    return selected
+
+
+def _no_image(config: Config, participant: str, session: str | None) -> None:
+    where = f"sub-{participant}" + (f" ses-{session}" if session else "")
+    message = f"{where}: no usable {'/'.join(config.anat_suffixes)} image"
+    if config.stop_on_first_crash:
+        raise NoDataError(message + " (stopping: --stop-on-first-crash)")
+    LOGGER.warning("%s; skipped", message)
+
+
+def resolve_resources(config: Config) -> list:
+    """Resolve every output space to files and the weights to a checked path (fails fast,
+    one line, before anything is written)."""
+    from ..engine.weights import resolve_weights
+    from ..utils.templates import resolve_template
+
+    templates = [resolve_template(spec) for spec in config.output_spaces]
+    config.weights = Path(resolve_weights(config.model, config.weights, download=False))
+    return templates
+
+
+def write_dataset_files(config: Config, workflow) -> None:
+    """dataset_description.json, .bidsignore and logs/CITATION.* in the output folder."""
+    from .. import __version__
+    from ..utils.provenance import (collect_boilerplate, write_bidsignore,
+                                    write_citation_files, write_dataset_description)
+
+    write_dataset_description(config.output_dir, bids_dir=config.bids_dir, version=__version__,
+                              templateflow_home=os.environ.get("TEMPLATEFLOW_HOME"))
+    write_bidsignore(config.output_dir)
+    write_citation_files(config.output_dir, collect_boilerplate(workflow))
+
+
+def plugin_settings(config: Config) -> dict:
+    """Nipype plugin and arguments from ``--use-plugin``, ``--nprocs``, ``--mem``,
+    ``--gpu-procs`` (MultiProc by default; Linear when a single process is asked for)."""
+    if config.plugin:
+        settings = {"plugin": config.plugin["plugin"],
+                    "plugin_args": dict(config.plugin.get("plugin_args") or {})}
+    elif config.nprocs == 1:
+        settings = {"plugin": "Linear", "plugin_args": {}}
+    else:
+        settings = {"plugin": "MultiProc", "plugin_args": {}}
+    args = settings["plugin_args"]
+    if settings["plugin"] == "MultiProc":
+        if config.nprocs:
+            args.setdefault("n_procs", config.nprocs)
+        if config.mem_gb:
+            args.setdefault("memory_gb", config.mem_gb)
+        args.setdefault("n_gpu_procs", config.gpu_procs)
+        args.setdefault("raise_insufficient", False)
+        args.setdefault("maxtasksperchild", 1000)  # keep workers (and their loaded model) alive
+    return settings
+
+
+def run(config: Config) -> int:
+    """Build and run the workflow for ``config``; returns the exit code."""
+    from nipype import config as nipype_config
+
+    from ..workflows.base import init_ugi_wf
+
+    if config.analysis_level == "group":
+        LOGGER.warning("the group level has nothing to do in this version")
+        return 0
+    subjects = select_inputs(config)
+    templates = resolve_resources(config)
+
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    nipype_config.update_config({
+        "execution": {"crashfile_format": "txt", "stop_on_first_crash": config.stop_on_first_crash,
+                      "remove_unnecessary_outputs": False, "create_report": False,
+                      "crashdump_dir": str(config.output_dir / "log" / config.run_uuid)},
+        "monitoring": {"enabled": config.resource_monitor},
+    })
+    workflow = init_ugi_wf(config, subjects, templates)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    write_dataset_files(config, workflow)
+    if config.boilerplate_only:
+        LOGGER.info("boilerplate written to %s", config.output_dir / "logs")
+        return 0
+    if config.omp_nthreads:
+        os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
+    try:
+        workflow.run(**plugin_settings(config))
+    except RuntimeError as error:  # nipype: "Workflow did not execute cleanly"
+        crash_dirs = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}"))
+        where = ", ".join(str(d) for d in crash_dirs) or "the log folders"
+        print(f"ugi-bids: error: {' '.join(str(error).split())[:200]}; crash files in {where}",
+              file=sys.stderr)
+        return 1
+    LOGGER.info("ugi-bids finished: %s", config.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
