@@ -101,13 +101,15 @@ def _no_image(config: Config, participant: str, session: str | None) -> None:
     LOGGER.warning("%s; skipped", message)
 
 
-def resolve_resources(config: Config) -> list:
-    """Resolve every output space to files and the weights to a checked path (fails fast,
-    one line, before anything is written)."""
+def resolve_resources(config: Config) -> dict:
+    """Resolve every output space, for every anatomical suffix, to template files
+    (``{suffix: [ResolvedTemplate]}``) and the weights to a checked path. Fails fast, one line,
+    before anything is written."""
     from ..engine.weights import resolve_weights
     from ..utils.templates import resolve_template
 
-    templates = [resolve_template(spec) for spec in config.output_spaces]
+    templates = {suffix: [resolve_template(spec, suffix) for spec in config.output_spaces]
+                 for suffix in config.anat_suffixes}
     config.weights = Path(resolve_weights(config.model, config.weights, download=False))
     return templates
 

@@ -14,7 +14,7 @@ from .outputs import init_registration_derivatives_wf
 from .registration import init_register_to_template_wf
 
 
-def init_ugi_wf(config: Config, subjects: dict, templates: list) -> Workflow:
+def init_ugi_wf(config: Config, subjects: dict, templates: dict) -> Workflow:
     """The whole run: one :func:`init_single_subject_wf` per participant.
 
     Parameters
@@ -23,11 +23,16 @@ def init_ugi_wf(config: Config, subjects: dict, templates: list) -> Workflow:
         Run settings.
     subjects : dict
         ``{participant: {session or None: {suffix: reference image path}}}``.
-    templates : list of ResolvedTemplate
-        Output spaces, resolved to files.
+    templates : dict
+        ``{suffix: [ResolvedTemplate]}``: every output space resolved to the template image
+        matching each anatomical suffix (T1w template for T1w images, T2w for T2w, ...).
     """
+    from ..utils.provenance import boilerplate_postamble, boilerplate_preamble
+
     workflow = Workflow(name=f"ugi_bids_{__version__.replace('.', '_')}_wf")
     workflow.base_dir = str(config.work_dir)
+    workflow.__desc__ = boilerplate_preamble(__version__, _nipype_version())
+    workflow.__postdesc__ = boilerplate_postamble()
     for participant, sessions in subjects.items():
         single = init_single_subject_wf(subject_id=participant, sessions=sessions,
                                         templates=templates, config=config)
@@ -44,7 +49,7 @@ def _safe(label: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]", "", label)
 
 
-def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: list,
+def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
                            config: Config, name: str | None = None) -> Workflow:
     """Register every session's anatomical references of one participant to every space.
 
@@ -55,8 +60,8 @@ def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: list,
     sessions : dict
         ``{session label or None: {suffix: reference image path}}``; one reference image per
         session and suffix (the choice is made by :func:`ugi_bids.utils.bids.select_reference`).
-    templates : list of ResolvedTemplate
-        Output spaces.
+    templates : dict
+        ``{suffix: [ResolvedTemplate]}`` (see :func:`init_ugi_wf`).
     config : Config
 
     Inputs
@@ -70,21 +75,15 @@ def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: list,
     from ..utils.bids import REFERENCE_RULE, bids_uri
 
     workflow = Workflow(name=name or f"sub_{subject_id}_wf")
-    n_images = sum(len(suffixes) for suffixes in sessions.values())
-    session_text = (f"{len(sessions)} session(s)" if any(s is not None for s in sessions)
-                    else "a single session")
+    # the same text for every participant, so that the collected boilerplate says it once
     workflow.__desc__ = f"""
-Results included in this manuscript come from registrations performed using *ugi-bids*
-{__version__}, which is based on *Nipype* {_nipype_version()} [@nipype1] and *NiWorkflows*
-[@niworkflows]; templates were obtained from TemplateFlow [@templateflow].
-
 #### Anatomical registration
-For participant {subject_id}, {n_images} anatomical image(s) from {session_text} were
-registered. {REFERENCE_RULE}
+Every session's anatomical images ({', '.join(config.anat_suffixes)}) were registered to each
+output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERENCE_RULE}
 """
     for session, suffixes in sessions.items():
         for suffix, image in suffixes.items():
-            for template in templates:
+            for template in templates[suffix]:
                 tag = "_".join(t for t in (f"ses{_safe(session)}" if session else "", suffix,
                                            _safe(template.spec.label)) if t)
                 reg_wf = init_register_to_template_wf(
