@@ -213,3 +213,29 @@ def test_corrupt_nifti(setup, tmp_path):
     result = ugi_bids([bids, out, "participant", "--weights", setup["weights"], "--sloppy"],
                       setup["env"], tmp_path)
     _assert_failed_cleanly(result, 65, out)
+
+
+def test_failing_participant_leaves_crash_files_and_no_outputs(setup, tmp_path):
+    bids = tmp_path / "bids"
+    shutil.copytree(setup["bids"], bids)
+    image = bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    blank = nib.load(image)
+    nib.save(nib.Nifti1Image(np.zeros(blank.shape, np.float32), blank.affine), image)
+    out = tmp_path / "ugi-bids"
+    result = ugi_bids([bids, out, "participant", "--participant-label", "02", "-w",
+                       tmp_path / "work", "--weights", setup["weights"], "--sloppy",
+                       "--io-iterations", "0", "--nprocs", "1"], setup["env"], tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr.splitlines()[-1]
+    crash_files = list(out.glob("sub-02/log/*/crash-*"))
+    assert crash_files and "constant" in crash_files[0].read_text()
+    assert not (out / "sub-02" / "anat").exists()
+
+
+def test_truncated_weights_stop_before_any_output(setup, tmp_path):
+    weights = tmp_path / "Step_2_final.trch"
+    weights.write_bytes(Path(setup["weights"]).read_bytes()[:1_000_000])
+    out = tmp_path / "ugi-bids"
+    result = ugi_bids([setup["bids"], out, "participant", "--weights", weights, "--sloppy"],
+                      setup["env"], tmp_path)
+    _assert_failed_cleanly(result, 66, out)

@@ -105,12 +105,13 @@ def resolve_resources(config: Config) -> dict:
     """Resolve every output space, for every anatomical suffix, to template files
     (``{suffix: [ResolvedTemplate]}``) and the weights to a checked path. Fails fast, one line,
     before anything is written."""
-    from ..engine.weights import resolve_weights
+    from ..engine.weights import checked_state_dict, resolve_weights
     from ..utils.templates import resolve_template
 
     templates = {suffix: [resolve_template(spec, suffix) for spec in config.output_spaces]
                  for suffix in config.anat_suffixes}
     config.weights = Path(resolve_weights(config.model, config.weights, download=False))
+    checked_state_dict(config.weights, config.model)  # a truncated or foreign file stops here
     return templates
 
 
@@ -152,11 +153,13 @@ def run(config: Config) -> int:
     """Build and run the workflow for ``config``; returns the exit code."""
     from nipype import config as nipype_config
 
+    from ..engine.register import resolve_device
     from ..workflows.base import init_ugi_wf
 
     if config.analysis_level == "group":
         LOGGER.warning("the group level has nothing to do in this version")
         return 0
+    resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
     subjects = select_inputs(config)
     templates = resolve_resources(config)
 
@@ -177,11 +180,11 @@ def run(config: Config) -> int:
         os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
     try:
         workflow.run(**plugin_settings(config))
-    except RuntimeError as error:  # nipype: "Workflow did not execute cleanly"
-        crash_dirs = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}"))
-        where = ", ".join(str(d) for d in crash_dirs) or "the log folders"
-        print(f"ugi-bids: error: {' '.join(str(error).split())[:200]}; crash files in {where}",
-              file=sys.stderr)
+    except RuntimeError:  # nipype: a node failed ("Workflow did not execute cleanly", ...)
+        crash_files = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*"))
+        folders = sorted({str(path.parent) for path in crash_files}) or ["the log folders"]
+        print(f"ugi-bids: error: {len(crash_files) or 'some'} processing step(s) failed; "
+              f"see the crash files in {', '.join(folders)}", file=sys.stderr)
         return 1
     LOGGER.info("ugi-bids finished: %s", config.output_dir)
     return 0

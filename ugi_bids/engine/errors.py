@@ -35,3 +35,9 @@ class OutputError(UgiError):
     """An output cannot be written: exit 73."""
 
     exit_code = 73
+
+
+class DeviceUnavailableError(UgiError):
+    """The requested compute device does not exist here (a usage error): exit 2."""
+
+    exit_code = 2

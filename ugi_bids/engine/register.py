@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import prealign as prealign_module
-from .errors import InputDataError
+from .errors import DeviceUnavailableError
 from .geometry import Grid, network_box, network_box_grid, to_tensor_layout
 from .inference import IO_LEARNING_RATE, IO_STEPS, PairMaps, instance_optimise
 from .network import identity_grid, warp
@@ -228,7 +228,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputDataError("--device cuda was requested but no CUDA GPU is available here")
+        raise DeviceUnavailableError(
+            f"device {device} was requested but no CUDA GPU is available here; use --device cpu or auto")
     return device
 
 

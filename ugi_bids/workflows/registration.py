@@ -9,10 +9,12 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from ..interfaces.registration import (ApplyTransform, LogJacobian, NormaliseIntensities,
                                        Prealign, UniGradICON)
 
-#: Peak memory of the registration node, GB, measured on CPU (see benchmarks/): inference of
-#: both directions at 175^3, and instance optimisation (dominated by the backward pass).
-MEM_GB_INFERENCE = {175: 4.0, "sloppy": 1.5}
-MEM_GB_IO = {175: 14.0, "sloppy": 3.0}
+#: Peak memory (GB) of one registration, measured on CPU as the peak RSS of a whole
+#: ``ugi-register`` run on a 2 mm brain pair (/usr/bin/time -v), rounded up: inference of both
+#: directions (175^3: 2.6 GB; sloppy 65^3: 0.96 GB) and with instance optimisation (sloppy: 2.3 GB;
+#: 175^3: see MEM_GB_IO).
+MEM_GB_INFERENCE = {175: 3.0, "sloppy": 1.0}
+MEM_GB_IO = {175: 14.0, "sloppy": 2.5}
 
 PREALIGN_TEXT = {
     "affine": ("The images were first aligned in world (scanner) coordinates: initialised by "
