@@ -12,9 +12,9 @@ from ..interfaces.registration import (ApplyTransform, LogJacobian, NormaliseInt
 #: Peak memory (GB) of one registration, measured on CPU as the peak RSS of a whole
 #: ``ugi-register`` run on a 2 mm brain pair (/usr/bin/time -v), rounded up: inference of both
 #: directions (175^3: 2.6 GB; sloppy 65^3: 0.96 GB) and with instance optimisation (sloppy: 2.3 GB;
-#: 175^3: see MEM_GB_IO).
+#: 175^3, one IO step: 10.5 GB).
 MEM_GB_INFERENCE = {175: 3.0, "sloppy": 1.0}
-MEM_GB_IO = {175: 14.0, "sloppy": 2.5}
+MEM_GB_IO = {175: 11.0, "sloppy": 2.5}
 
 PREALIGN_TEXT = {
     "affine": ("The images were first aligned in world (scanner) coordinates: initialised by "
