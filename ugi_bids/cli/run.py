@@ -50,7 +50,9 @@ def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%y%m%d-%H:%M:%S", stream=sys.stderr)
-    LOGGER.setLevel(min(level, logging.INFO))
+    LOGGER.setLevel(min(level, logging.INFO))  # our own progress lines always show
+    # engine details (pre-alignment levels, IO steps) only with -v
+    logging.getLogger("ugi_bids.engine").setLevel(logging.INFO if verbose else logging.WARNING)
     from nipype import logging as nipype_logging
     nipype_logging.getLogger("nipype.workflow").setLevel(
         logging.INFO if verbose else logging.WARNING)
