@@ -76,8 +76,12 @@ def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
                     model: str = "unigradicon", weights: str | None = None,
                     device: str = "auto", network_size: int = 175,
                     io_iterations: int = IO_STEPS, io_similarity: str = "lncc",
-                    io_learning_rate: float = IO_LEARNING_RATE) -> dict:
+                    io_learning_rate: float = IO_LEARNING_RATE,
+                    num_threads: int | None = None) -> dict:
     """Run uniGradICON (with instance optimisation) on two normalised, pre-aligned images.
+
+    ``num_threads`` caps torch's CPU threads for this call (the scheduler's ``n_procs``), so
+    that parallel registrations do not oversubscribe the cores.
 
     Writes ``forward_file`` (maps fixed points to moving points: resamples the moving image onto
     the fixed grid) and ``inverse_file`` (the opposite direction), both ITK composite .h5, all
@@ -85,7 +89,11 @@ def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
     """
     from .itk_io import read_composite_h5, write_composite_h5
 
+    import torch
+
     started = time.perf_counter()
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
     registrar = cached_registrar(model, weights, device, int(network_size))
     fixed, moving = load_volume(fixed_file), load_volume(moving_file)
     prealign_affine = read_composite_h5(prealign_file).affine

@@ -81,6 +81,7 @@ class _UniGradICONInputSpec(BaseInterfaceInputSpec):
     network_size = traits.Int(175, usedefault=True, desc="network input grid N^3")
     io_iterations = traits.Int(50, usedefault=True, desc="instance-optimisation steps")
     io_similarity = traits.Enum("lncc", "lncc2", "mind", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, desc="CPU threads torch may use (n_procs)")
 
 
 class _UniGradICONOutputSpec(TraitedSpec):
@@ -106,7 +107,7 @@ class UniGradICON(SimpleInterface):
             keep_storage=self.inputs.keep_storage, model=self.inputs.model,
             weights=_optional(self.inputs.weights), device=self.inputs.device,
             network_size=self.inputs.network_size, io_iterations=self.inputs.io_iterations,
-            io_similarity=self.inputs.io_similarity)
+            io_similarity=self.inputs.io_similarity, num_threads=self.inputs.num_threads)
         return runtime
 
 

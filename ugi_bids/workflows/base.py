@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from copy import deepcopy
 from nipype.interfaces import utility as niu
@@ -91,7 +92,7 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
                     model=config.model, weights=config.weights, device=config.device,
                     prealign=config.prealign, network_size=config.network_size,
                     io_iterations=config.io_iterations, io_similarity=config.io_similarity,
-                    omp_nthreads=config.omp_nthreads or 1,
+                    omp_nthreads=_threads_per_registration(config),
                     template_has_mask=template.mask is not None, name=f"register_{tag}_wf")
                 reg_wf.inputs.inputnode.moving_image = str(image)
                 reg_wf.inputs.inputnode.template_image = str(template.image)
@@ -111,6 +112,11 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
                     ("outputnode.provenance", "inputnode.provenance"),
                 ])])
     return workflow
+
+
+def _threads_per_registration(config: Config) -> int:
+    """``--omp-nthreads``, else all the cores the run may use (``--nprocs``, else the machine's)."""
+    return config.omp_nthreads or config.nprocs or os.cpu_count() or 1
 
 
 def _nipype_version() -> str:

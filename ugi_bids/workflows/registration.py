@@ -109,6 +109,7 @@ trilinear interpolation in a single step.
         UniGradICON(model=model, device=device, use_gpu=device not in ("cpu",),
                     network_size=network_size, io_iterations=io_iterations,
                     io_similarity=io_similarity, keep_storage=prealign == "none",
+                    num_threads=omp_nthreads,
                     **({"weights": str(weights)} if weights else {})),
         name="unigradicon", n_procs=omp_nthreads,
         mem_gb=registration_mem_gb(network_size, io_iterations))
