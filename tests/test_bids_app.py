@@ -239,3 +239,21 @@ def test_truncated_weights_stop_before_any_output(setup, tmp_path):
     result = ugi_bids([setup["bids"], out, "participant", "--weights", weights, "--sloppy"],
                       setup["env"], tmp_path)
     _assert_failed_cleanly(result, 66, out)
+
+
+def test_participant_without_usable_image_is_skipped_or_stops_the_run(setup, tmp_path):
+    bids = tmp_path / "bids"
+    shutil.copytree(setup["bids"], bids)
+    anat = bids / "sub-02" / "anat"
+    for path in anat.iterdir():
+        path.rename(anat / path.name.replace("_T1w", "_T2w"))
+    common = [bids, tmp_path / "out" / "ugi-bids", "participant", "--weights", setup["weights"],
+              "--sloppy", "--boilerplate-only", "-w", tmp_path / "work"]
+    skipped = ugi_bids(common, setup["env"], tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "sub-02: no usable T1w image; skipped" in skipped.stderr
+    assert (tmp_path / "out" / "ugi-bids" / "logs" / "CITATION.md").exists()
+    out = tmp_path / "out-stop" / "ugi-bids"
+    common[1] = out
+    stopped = ugi_bids(common + ["--stop-on-first-crash"], setup["env"], tmp_path)
+    _assert_failed_cleanly(stopped, 18, out)
