@@ -20,7 +20,7 @@ from tests.checkpoints import write_random_checkpoint
 from ugi_bids.engine.cli_register import main as register_main
 from ugi_bids.engine.itk_io import read_composite_h5
 from ugi_bids.engine.register import Registrar
-from ugi_bids.engine.volume import Volume, load_volume
+from ugi_bids.engine.volume import load_volume
 from ugi_bids.engine.warp import apply_transform
 
 NETWORK_SIZE = 68

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 from copy import deepcopy
-from nipype.interfaces import utility as niu
-from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
