@@ -41,6 +41,7 @@ from .inference import IO_LEARNING_RATE, IO_STEPS, PairMaps, instance_optimise
 from .network import identity_grid, warp
 from .preprocess import MODALITIES, binarise_mask, preprocess
 from .similarity import SIMILARITIES
+from .sampling import sample_on_grid
 from .transforms import DisplacementField, WorldTransform, sample_trilinear
 from .volume import Volume
 
@@ -105,11 +106,18 @@ def sample_on_lattice(volume: Volume, lattice_to_world: np.ndarray, size: int,
                       nearest: bool = False) -> torch.Tensor:
     """Sample ``volume`` at the world positions of the N^3 lattice: (1, 1, N, N, N), tensor
     layout; zero beyond half a voxel outside the volume."""
-    index = lattice_indices_in(volume.grid, lattice_to_world, size).reshape(-1, 3)
-    if nearest:
-        index = np.round(index)
-    values = sample_trilinear(volume.data, index, outside_half_voxel="zero")
-    return torch.from_numpy(values.reshape((size,) * 3))[None, None]
+    values = None
+    if not nearest:
+        lattice_index_to_world = lattice_to_world @ np.diag([1.0 / (size - 1)] * 3 + [1.0])
+        values = sample_on_grid(np.asarray(volume.data, dtype=np.float32)[..., None],
+                                (size,) * 3, np.linalg.inv(volume.grid.affine)
+                                @ lattice_index_to_world)
+    if values is None:
+        index = lattice_indices_in(volume.grid, lattice_to_world, size).reshape(-1, 3)
+        if nearest:
+            index = np.round(index)
+        values = sample_trilinear(volume.data, index, outside_half_voxel="zero")
+    return torch.from_numpy(np.ascontiguousarray(values).reshape((size,) * 3))[None, None]
 
 
 def world_field(displacement: torch.Tensor, fixed_box: np.ndarray, field_grid: Grid,
@@ -125,15 +133,24 @@ def world_field(displacement: torch.Tensor, fixed_box: np.ndarray, field_grid: G
     Displacements outside the lattice are border-clamped, as inside the network.
     """
     index_to_t = np.linalg.inv(fixed_box) @ field_to_fixed @ field_grid.affine
+    linear = (fixed_to_output @ fixed_box)[:3, :3]
+    table = displacement[0].permute(1, 2, 3, 0).to("cpu", torch.float32).contiguous().numpy()
+    to_lattice_index = np.diag([n - 1.0 for n in table.shape[:3]] + [1.0]) @ index_to_t
+    vectors = sample_on_grid(table, field_grid.shape, to_lattice_index, linear,
+                             zero_outside=False)
+    if vectors is None:
+        vectors = _world_field_torch(displacement, index_to_t, field_grid, linear)
+    return DisplacementField(field_grid, vectors)
+
+
+def _world_field_torch(displacement, index_to_t, field_grid, linear) -> np.ndarray:
     index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in field_grid.shape],
                                  indexing="ij"), axis=0)  # (3, i, j, k)
     t = np.einsum("ab,bijk->aijk", index_to_t[:3, :3], index) + index_to_t[:3, 3, None, None, None]
     coords = torch.from_numpy(t.astype(np.float32))[None].to(displacement.device)
     with torch.no_grad():
         sampled = warp(displacement, coords)[0].to("cpu", torch.float64)  # (3, i, j, k)
-    linear = (fixed_to_output @ fixed_box)[:3, :3]
-    vectors = np.einsum("wa,aijk->ijkw", linear, sampled.numpy())
-    return DisplacementField(field_grid, vectors.astype(np.float32))
+    return np.einsum("wa,aijk->ijkw", linear, sampled.numpy()).astype(np.float32)
 
 
 def padded(grid: Grid, voxels: int = 1) -> Grid:

@@ -1,0 +1,50 @@
+"""The cascade's forward map without autograd, evaluated stage by stage with the folded U-Nets
+(:mod:`ugi_bids.engine.fused_unet`) and threaded trilinear sampling
+(:mod:`ugi_bids.engine.sampling`).
+
+It computes exactly what calling the module tree of :func:`ugi_bids.engine.network.build_cascade`
+computes (the same interpolations at the same points, in the same order); only float32 rounding
+differs. Used for inference; instance optimisation needs gradients and runs the module tree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fused_unet import inference_unet
+from .network import TallUNet2
+from .sampling import chain
+
+
+def cascade_unets(cascade: nn.Module) -> tuple[TallUNet2, TallUNet2, TallUNet2, TallUNet2]:
+    """The four U-Nets of a :func:`build_cascade` module, coarse (44^3) to fine (175^3, last)."""
+    level = cascade.netPhi
+    coarse = level.netPhi.net
+    return (coarse.netPhi.net.net, coarse.netPsi.net, level.netPsi.net, cascade.netPsi.net)
+
+
+def _warped(image: torch.Tensor, start, displacements) -> torch.Tensor:
+    """``image`` (1, 1, *S) read (border-clamped) through the maps, as (1, 1, *S)."""
+    return chain(image.shape[2:], start, displacements, image[0, 0])[None, None]
+
+
+@torch.no_grad()
+def cascade_map(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor
+                ) -> torch.Tensor:
+    """phi_AB on the identity lattice of the inputs, (1, 3, *S), normalised coordinates
+    (B-lattice points -> A-lattice points); equals ``cascade(a, b)(identity, True)``."""
+    unets = [inference_unet(u) for u in cascade_unets(cascade)]
+    a0, b0 = image_a, image_b
+    a1, b1 = F.avg_pool3d(a0, 2, ceil_mode=True), F.avg_pool3d(b0, 2, ceil_mode=True)
+    a2, b2 = F.avg_pool3d(a1, 2, ceil_mode=True), F.avg_pool3d(b1, 2, ceil_mode=True)
+
+    # 88^3 step: U1 on the 44^3 images, A warped by it, then U2.
+    u1 = unets[0](a2, b2)
+    u2 = unets[1](_warped(a1, None, [u1]), b1)
+    # 175^3 steps: U3 after the 88^3 map (U2 then U1), U4 after U3's.
+    u3 = unets[2](_warped(a0, None, [u2, u1]), b0)
+    u4 = unets[3](_warped(a0, u3, [u2, u1]), b0)
+    phi = chain(a0.shape[2:], u4, [u3, u2, u1])
+    return phi.permute(3, 0, 1, 2)[None]
