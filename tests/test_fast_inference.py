@@ -12,7 +12,8 @@ from tests.realdata import fsl_mni_brain_path, mni2009c_brain_path
 from ugi_bids.engine import sampling
 from ugi_bids.engine.fast_inference import cascade_map, cascade_unets
 from ugi_bids.engine.fused_unet import InferenceUNet, inference_unet
-from ugi_bids.engine.inference import infer_maps, instance_optimise
+from ugi_bids.engine.inference import infer_maps, instance_optimise, pair_objective
+from ugi_bids.engine.similarity import get_similarity
 from ugi_bids.engine.network import build_cascade, identity_grid, warp
 from ugi_bids.engine.preprocess import preprocess
 from ugi_bids.engine.register import network_pair, prealignment
@@ -162,3 +163,21 @@ def test_world_sampling_kernels_match_grid_sample(monkeypatch):
     np.testing.assert_allclose(fast_border, sample_trilinear(volume, index, "border"), atol=2e-6)
     expected = sample_trilinear(volume, grid_index, "zero") @ linear.T
     np.testing.assert_allclose(on_grid.reshape(-1, 3), expected, atol=1e-5)
+
+
+def test_no_grad_objective_uses_folded_unets_with_the_same_losses(network):
+    """IO's final evaluation (no autograd) runs the folded U-Nets; the loss terms and maps equal
+    those of the module tree (which the optimisation steps use)."""
+    moving, fixed = brain_pair(65)
+    similarity = get_similarity("lncc")
+    torch.manual_seed(0)
+    _, tree, tree_ab, tree_ba = pair_objective(network, moving, fixed, similarity)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, folded, folded_ab, folded_ba = pair_objective(network, moving, fixed, similarity)
+    assert folded.inverse_consistency > 0
+    for a, b in ((folded.total, tree.total), (folded.similarity, tree.similarity),
+                 (folded.inverse_consistency, tree.inverse_consistency)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert voxel_error(folded_ab, tree_ab.detach()).max() < VOXEL_TOLERANCE
+    assert voxel_error(folded_ba, tree_ba.detach()).max() < VOXEL_TOLERANCE

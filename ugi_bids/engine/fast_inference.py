@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_unet import inference_unet
-from .network import TallUNet2
+from .network import CoordinateMap, TallUNet2, warp
 from .sampling import chain
 
 
@@ -31,20 +31,49 @@ def _warped(image: torch.Tensor, start, displacements) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cascade_map(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor
-                ) -> torch.Tensor:
-    """phi_AB on the identity lattice of the inputs, (1, 3, *S), normalised coordinates
-    (B-lattice points -> A-lattice points); equals ``cascade(a, b)(identity, True)``."""
+def cascade_displacements(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor
+                          ) -> list[torch.Tensor]:
+    """The four U-Net displacements of the pass (A, B), coarse to fine, each channels-last
+    (n0, n1, n2, 3) on its own lattice (44^3, 88^3, 175^3, 175^3)."""
     unets = [inference_unet(u) for u in cascade_unets(cascade)]
     a0, b0 = image_a, image_b
     a1, b1 = F.avg_pool3d(a0, 2, ceil_mode=True), F.avg_pool3d(b0, 2, ceil_mode=True)
     a2, b2 = F.avg_pool3d(a1, 2, ceil_mode=True), F.avg_pool3d(b1, 2, ceil_mode=True)
-
     # 88^3 step: U1 on the 44^3 images, A warped by it, then U2.
     u1 = unets[0](a2, b2)
     u2 = unets[1](_warped(a1, None, [u1]), b1)
     # 175^3 steps: U3 after the 88^3 map (U2 then U1), U4 after U3's.
     u3 = unets[2](_warped(a0, None, [u2, u1]), b0)
     u4 = unets[3](_warped(a0, u3, [u2, u1]), b0)
-    phi = chain(a0.shape[2:], u4, [u3, u2, u1])
+    return [u1, u2, u3, u4]
+
+
+@torch.no_grad()
+def cascade_map(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor
+                ) -> torch.Tensor:
+    """phi_AB on the identity lattice of the inputs, (1, 3, *S), normalised coordinates
+    (B-lattice points -> A-lattice points); equals ``cascade(a, b)(identity, True)``."""
+    u1, u2, u3, u4 = cascade_displacements(cascade, image_a, image_b)
+    phi = chain(image_a.shape[2:], u4, [u3, u2, u1])
     return phi.permute(3, 0, 1, 2)[None]
+
+
+@torch.no_grad()
+def cascade_transform(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor
+                      ) -> CoordinateMap:
+    """phi_AB as a function of coordinates, like ``cascade(a, b)`` (no autograd): the final
+    evaluation of instance optimisation uses it for the loss terms."""
+    fields = [u.permute(3, 0, 1, 2)[None] for u in cascade_displacements(cascade, image_a,
+                                                                            image_b)]
+
+    def transform(coords: torch.Tensor, is_identity: bool = False) -> torch.Tensor:
+        finest = fields[3]
+        if is_identity and coords.shape[2:] == finest.shape[2:]:
+            coords = coords + finest
+        else:
+            coords = coords + warp(finest, coords)
+        for displacement in reversed(fields[:3]):
+            coords = coords + warp(displacement, coords)
+        return coords
+
+    return transform

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .fast_inference import cascade_map
-from .network import CoordinateMap, identity_grid, warp
+from .fast_inference import cascade_map, cascade_transform
+from .network import CoordinateMap, FunctionFromVectorField, identity_grid, warp
 from .similarity import SimilarityFn, get_similarity
 
 LOGGER = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class PairMaps:
 
 
 def _map_pair(cascade: nn.Module, image_a, image_b) -> tuple[CoordinateMap, CoordinateMap]:
+    if not torch.is_grad_enabled():  # evaluation only: the folded U-Nets, same maps
+        return (cascade_transform(cascade, image_a, image_b),
+                cascade_transform(cascade, image_b, image_a))
     return cascade(image_a, image_b), cascade(image_b, image_a)
 
 
@@ -117,16 +120,28 @@ def infer_maps(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor,
     return PairMaps(phi_ab, phi_ba, seconds=time.perf_counter() - start)
 
 
+def set_checkpointing(cascade: nn.Module, enabled: bool) -> None:
+    """Activation checkpointing of every U-Net (see ``FunctionFromVectorField.checkpoint``)."""
+    for module in cascade.modules():
+        if isinstance(module, FunctionFromVectorField):
+            module.checkpoint = enabled
+
+
 def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, *,
                       steps: int = IO_STEPS, similarity: str = "lncc",
                       learning_rate: float = IO_LEARNING_RATE, lmbda: float = GRADICON_LAMBDA,
                       mask_a: torch.Tensor | None = None,
-                      mask_b: torch.Tensor | None = None) -> PairMaps:
+                      mask_b: torch.Tensor | None = None,
+                      checkpointing: bool = True) -> PairMaps:
     """Fine-tune all network weights on this pair (Adam), return the maps of the tuned network,
     and restore the original weights (pairs never leak into each other).
 
     ``steps == 0`` is plain inference. BatchNorm stays in eval mode throughout. Losses of every
     step (before its update) and of the final evaluation are logged and returned.
+
+    The weights are kept channels-last (the fast layout for 3-D convolutions and their
+    gradients); ``checkpointing`` recomputes each U-Net's activations during the backward pass
+    instead of storing them (same gradients, much less memory, one more forward pass).
     """
     if steps < 0:
         raise ValueError("IO steps must be >= 0")
@@ -138,6 +153,8 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
     start = time.perf_counter()
     saved = copy.deepcopy(cascade.state_dict())
     cascade.eval()
+    cascade.to(memory_format=torch.channels_last_3d)
+    set_checkpointing(cascade, checkpointing)
     optimiser = torch.optim.Adam(cascade.parameters(), lr=learning_rate)
     losses = []
     try:
@@ -156,6 +173,7 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
         losses.append(record)
         LOGGER.info("IO done: final loss %.6f", record.total)
     finally:
+        set_checkpointing(cascade, False)
         cascade.load_state_dict(saved)
         for parameter in cascade.parameters():
             parameter.grad = None

@@ -27,7 +27,9 @@ How the pair reaches the network:
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +45,7 @@ from .preprocess import MODALITIES, binarise_mask, preprocess
 from .similarity import SIMILARITIES
 from .sampling import sample_on_grid
 from .transforms import DisplacementField, WorldTransform, sample_trilinear
-from .volume import Volume
+from .volume import Volume, load_volume
 
 LOGGER = logging.getLogger(__name__)
 
@@ -326,6 +328,47 @@ class Registrar:
         })
         return result
 
+    def register_many(self, fixed: Volume, movings: Iterable[Volume | str | os.PathLike], *,
+                      fixed_modality: str = "mri", moving_modality: str = "mri",
+                      fixed_mask: Volume | None = None, prealign: str = "affine",
+                      io_iterations: int = IO_STEPS, io_similarity: str = "lncc",
+                      io_learning_rate: float = IO_LEARNING_RATE) -> Iterator[RegistrationResult]:
+        """Register every moving image onto one fixed image (a cohort onto a template), in
+        this process, with the network loaded once.
+
+        ``movings`` may hold volumes or NIfTI paths; paths are read one at a time, so a cohort
+        of any length needs the memory of one pair. The fixed image is normalised (and its
+        mask binarised) once. Yields one :class:`RegistrationResult` per moving image, in
+        order, as :meth:`register` would return it (``timings["read_s"]`` adds the reading).
+        """
+        if fixed_modality not in MODALITIES or moving_modality not in MODALITIES:
+            raise ValueError(f"modalities must be in {MODALITIES}")
+        fixed_inside = None if fixed_mask is None else binarise_mask(fixed_mask, fixed,
+                                                                      "fixed mask")
+        fixed_n = preprocess(fixed, fixed_modality, fixed_mask, True, "fixed image")
+        for moving in movings:
+            start = time.perf_counter()
+            if not isinstance(moving, Volume):
+                moving = load_volume(moving)
+            read_s = time.perf_counter() - start
+            start = time.perf_counter()
+            moving_n = preprocess(moving, moving_modality, None, False, "moving image")
+            preprocess_s = time.perf_counter() - start
+            start = time.perf_counter()
+            affine = prealignment(fixed_n, moving_n, prealign, network_size=self.network_size,
+                                  fixed_mask=fixed_inside)
+            prealign_s = time.perf_counter() - start
+            result = self.register_prealigned(
+                fixed_n, moving_n, affine, keep_storage=prealign == "none",
+                io_iterations=io_iterations, io_similarity=io_similarity,
+                io_learning_rate=io_learning_rate)
+            result.timings = {"read_s": read_s, "preprocess_s": preprocess_s,
+                              "prealign_s": prealign_s, **result.timings}
+            result.settings.update({"prealign": prealign, "fixed_modality": fixed_modality,
+                                    "moving_modality": moving_modality,
+                                    "masking": "input" if fixed_mask is not None else None})
+            yield result
+
     def register_prealigned(self, fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *,
                             keep_storage: bool = False, loss_masks: tuple | None = None,
                             io_iterations: int = IO_STEPS, io_similarity: str = "lncc",
@@ -352,8 +395,8 @@ class Registrar:
         if loss_masks is not None:
             masks = {"mask_a": _to(pair.moving_mask, self.device),
                      "mask_b": _to(pair.fixed_mask, self.device)}
-        maps = instance_optimise(self.network, pair.moving.to(self.device),
-                                 pair.fixed.to(self.device), steps=io_iterations,
+        maps = instance_optimise(self.network, _to(pair.moving, self.device),
+                                 _to(pair.fixed, self.device), steps=io_iterations,
                                  similarity=io_similarity, learning_rate=io_learning_rate,
                                  **masks)
         timings["network_s"] = time.perf_counter() - start
@@ -370,4 +413,7 @@ class Registrar:
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(device)
+    """Host -> device copy; through page-locked memory (an asynchronous DMA) for CUDA."""
+    if tensor is None or device.type != "cuda":
+        return None if tensor is None else tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
