@@ -298,11 +298,14 @@ def test_itk_resamples_like_us(cases, itk, tmp_path, case_name, direction):
 
 
 def test_float_file_layout(tmp_path):
-    """Float field (float32, gzip), float64 affine, both ITK spellings of the parameter names."""
+    """Float field (float32; gzip on request), float64 affine, both ITK spellings of the
+    parameter names."""
     h5py = pytest.importorskip("h5py")
     transform = _small_transform()
     path = tmp_path / "xfm.h5"
-    write_composite_h5(transform, path)
+    write_composite_h5(transform, path, compression=True)
+    with h5py.File(tmp_path / write_composite_h5(transform, tmp_path / "plain.h5"), "r") as plain:
+        assert plain["TransformGroup"]["2"]["TransformParameters"].compression is None
     with h5py.File(path, "r") as handle:
         group = handle["TransformGroup"]
         types = [group[k]["TransformType"][0].decode() for k in sorted(group, key=int)]

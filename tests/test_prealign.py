@@ -16,7 +16,7 @@ from tests.realdata import (brain_mask, downsampled, fsl_mni_brain_path, mni2009
                             store_as)
 from ugi_bids.engine.errors import InputDataError
 from ugi_bids.engine.geometry import apply_affine
-from ugi_bids.engine.prealign import centre_of_mass, prealign
+from ugi_bids.engine.prealign import centre_of_mass, prealign, prepare_fixed
 from ugi_bids.engine.volume import Volume, load_volume
 
 #: Origin offset (mm) added to one of the random draws: far outside any overlap of the FOVs.
@@ -194,3 +194,13 @@ def test_mask_volume_and_ncc(fixed, mask_points):
     error = mean_distance(estimate, truth, mask_points)
     print(f"masked NCC: mean error {error:.3f} mm")
     assert error <= 1.0
+
+
+def test_prepared_fixed_side_gives_the_same_affine(fixed, other_brain):
+    """Cohorts reuse the fixed image's pyramid and centre: same answer as computing them."""
+    prepared = prepare_fixed(fixed)
+    direct = prealign(fixed, other_brain)
+    reused = prealign(fixed, other_brain, prepared=prepared)
+    np.testing.assert_array_equal(reused, direct)
+    with pytest.raises(ValueError, match="another fixed image"):
+        prealign(other_brain, fixed, prepared=prepared)

@@ -238,7 +238,7 @@ def _h5py_available() -> bool:
 
 
 def write_composite_h5(transform: WorldTransform, path: str | os.PathLike,
-                       precision: str = "float", compression: bool = True,
+                       precision: str = "float", compression: bool = False,
                        backend: str = "auto") -> str:
     """Write ``transform`` as an ITK composite HDF5 file (what fMRIPrep writes, ANTs reads).
 
@@ -251,7 +251,8 @@ def write_composite_h5(transform: WorldTransform, path: str | os.PathLike,
     precision : {"float", "double"}
         Storage type of the transform parameters (see the module notes).
     compression : bool
-        gzip-compress the parameter datasets.
+        gzip-compress the parameter datasets (level 1 + shuffle). Off by default: on a 177^3
+        field it saves ~17 % of the file (55 vs 67 MB) and costs ~1.3 s per file.
     backend : {"auto", "h5py", "itk"}
         Who writes the bytes: h5py (fast; the default when installed) or ITK's own writer (loads
         ITK's transform modules, which takes 10-20 s on a small machine). Both give files that

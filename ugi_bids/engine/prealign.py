@@ -627,13 +627,42 @@ def _torch_threads(threads: int):
         torch.set_num_threads(previous)
 
 
+@dataclass
+class FixedSide:
+    """What the pre-alignment needs of the fixed image alone (centre of mass, object radius,
+    world pyramid): computed once by :func:`prepare_fixed` and reused for every moving image of
+    a cohort registered to the same fixed image."""
+
+    volume: Volume
+    mask: np.ndarray | None
+    centre: np.ndarray
+    radius: float
+    levels: list
+    spacings: tuple
+
+
+def prepare_fixed(fixed: Volume, fixed_mask=None,
+                  settings: PrealignSettings | None = None) -> FixedSide:
+    """The fixed image's share of :func:`estimate_prealignment` (see :class:`FixedSide`)."""
+    settings = settings or PrealignSettings()
+    _check_finite(fixed, "fixed image")
+    fmask = _mask_on_grid(fixed_mask, fixed, "fixed mask")
+    fixed_unit = unit_intensities(fixed.data, intensity_window(fixed.data, fmask, "fixed image"))
+    centre = centre_of_mass(fixed, fmask)
+    radius = _object_radius(fixed, com_weights(fixed.data, fmask, "fixed image"), centre)
+    levels = world_pyramid(fixed, fixed_unit, fmask, settings.spacings)
+    return FixedSide(fixed, fmask, centre, radius, levels, tuple(settings.spacings))
+
+
 def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, moving_mask=None,
-                          metric: str = "auto",
-                          settings: PrealignSettings | None = None) -> PrealignResult:
+                          metric: str = "auto", settings: PrealignSettings | None = None,
+                          prepared: FixedSide | None = None) -> PrealignResult:
     """Centre-of-mass initialisation then multi-resolution rigid + affine optimisation.
 
     Returns a :class:`PrealignResult` whose ``affine`` maps FIXED world RAS mm to MOVING world RAS
-    mm (pull direction). See :func:`prealign` for the arguments.
+    mm (pull direction). See :func:`prealign` for the arguments; ``prepared`` (from
+    :func:`prepare_fixed` with the same fixed image, mask and settings) skips the fixed image's
+    share of the work.
     """
     settings = settings or PrealignSettings()
     if metric not in METRICS:
@@ -641,30 +670,27 @@ def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, mov
     metric = "mi" if metric == "auto" else metric
     if len(settings.affine_iterations) != len(settings.spacings):
         raise ValueError("settings.affine_iterations needs one entry per spacing")
-    _check_finite(fixed, "fixed image")
+    if prepared is None:
+        prepared = prepare_fixed(fixed, fixed_mask, settings)
+    elif prepared.volume is not fixed or prepared.spacings != tuple(settings.spacings):
+        raise ValueError("prepared fixed side belongs to another fixed image or settings")
     _check_finite(moving, "moving image")
-    fmask = _mask_on_grid(fixed_mask, fixed, "fixed mask")
     mmask = _mask_on_grid(moving_mask, moving, "moving mask")
-
-    fixed_unit = unit_intensities(fixed.data, intensity_window(fixed.data, fmask, "fixed image"))
     moving_unit = unit_intensities(moving.data,
                                    intensity_window(moving.data, mmask, "moving image"))
-    fixed_com_weights = com_weights(fixed.data, fmask, "fixed image")
-    centre = centre_of_mass(fixed, fmask)
+    centre, radius = prepared.centre, prepared.radius
     moving_centre = centre_of_mass(moving, mmask)
-    radius = _object_radius(fixed, fixed_com_weights, centre)
     matrix = np.eye(3)
     translation = moving_centre - centre
     logger.info("prealign: centre of mass fixed %s mm, moving %s mm (RAS); initial shift %s mm",
                 np.round(centre, 1).tolist(), np.round(moving_centre, 1).tolist(),
                 np.round(translation, 1).tolist())
 
-    fixed_levels = world_pyramid(fixed, fixed_unit, fmask, settings.spacings)
     moving_levels = world_pyramid(moving, moving_unit, mmask, settings.spacings)
     rng = np.random.default_rng(settings.seed)
     result = PrealignResult(affine=compose(matrix, translation, centre), metric=metric)
     with _torch_threads(settings.threads):
-        matrix, translation = _optimise(fixed_levels, moving_levels, centre, radius, matrix,
+        matrix, translation = _optimise(prepared.levels, moving_levels, centre, radius, matrix,
                                         translation, metric, settings, rng, result)
     _check_plausible(matrix)
     result.affine = compose(matrix, translation, centre)
@@ -711,7 +737,8 @@ def _optimise(fixed_levels: list, moving_levels: list, centre: np.ndarray, radiu
 
 def prealign(fixed: Volume, moving: Volume, mode: str = "affine", *, fixed_mask=None,
              moving_mask=None, metric: str = "auto",
-             settings: PrealignSettings | None = None) -> np.ndarray:
+             settings: PrealignSettings | None = None,
+             prepared: FixedSide | None = None) -> np.ndarray:
     """World-space pre-alignment of ``moving`` to ``fixed``.
 
     Parameters
@@ -729,6 +756,8 @@ def prealign(fixed: Volume, moving: Volume, mode: str = "affine", *, fixed_mask=
         images.
     settings : PrealignSettings, optional
         Pyramid and optimiser tuning.
+    prepared : FixedSide, optional
+        :func:`prepare_fixed` of this fixed image (cohorts: computed once).
 
     Returns
     -------
@@ -746,4 +775,4 @@ def prealign(fixed: Volume, moving: Volume, mode: str = "affine", *, fixed_mask=
     if mode != "affine":
         raise ValueError(f"unknown pre-alignment mode {mode!r}; choose one of {MODES}")
     return estimate_prealignment(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                 metric=metric, settings=settings).affine
+                                 metric=metric, settings=settings, prepared=prepared).affine

@@ -183,7 +183,8 @@ def transforms_from_maps(pair: NetworkPair, maps: PairMaps, size: int
 def prealignment(fixed: Volume, moving: Volume, mode: str = "affine", *,
                  network_size: int = DEFAULT_NETWORK_SIZE,
                  fixed_mask: np.ndarray | None = None,
-                 moving_mask: np.ndarray | None = None) -> np.ndarray:
+                 moving_mask: np.ndarray | None = None,
+                 prepared: prealign_module.FixedSide | None = None) -> np.ndarray:
     """The world affine that maps FIXED-space points to MOVING-space points (RAS mm, 4x4).
 
     ``none``: the voxel-grid correspondence of the published tool (the moving network box
@@ -197,7 +198,7 @@ def prealignment(fixed: Volume, moving: Volume, mode: str = "affine", *,
         return network_box(moving.grid, network_size) @ np.linalg.inv(
             network_box(fixed.grid, network_size))
     return prealign_module.prealign(fixed, moving, mode, fixed_mask=fixed_mask,
-                                    moving_mask=moving_mask)
+                                    moving_mask=moving_mask, prepared=prepared)
 
 
 def network_pair(fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *, size: int,
@@ -346,6 +347,8 @@ class Registrar:
         fixed_inside = None if fixed_mask is None else binarise_mask(fixed_mask, fixed,
                                                                       "fixed mask")
         fixed_n = preprocess(fixed, fixed_modality, fixed_mask, True, "fixed image")
+        prepared = (prealign_module.prepare_fixed(fixed_n, fixed_inside)
+                    if prealign == "affine" else None)
         for moving in movings:
             start = time.perf_counter()
             if not isinstance(moving, Volume):
@@ -356,7 +359,7 @@ class Registrar:
             preprocess_s = time.perf_counter() - start
             start = time.perf_counter()
             affine = prealignment(fixed_n, moving_n, prealign, network_size=self.network_size,
-                                  fixed_mask=fixed_inside)
+                                  fixed_mask=fixed_inside, prepared=prepared)
             prealign_s = time.perf_counter() - start
             result = self.register_prealigned(
                 fixed_n, moving_n, affine, keep_storage=prealign == "none",
