@@ -9,12 +9,12 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from ..interfaces.registration import (ApplyTransform, LogJacobian, NormaliseIntensities,
                                        Prealign, UniGradICON)
 
-#: Peak memory (GB) of one registration, measured on CPU as the peak RSS of a whole
-#: ``ugi-register`` run on a 2 mm brain pair (/usr/bin/time -v), rounded up: inference of both
-#: directions (175^3: 2.6 GB; sloppy 65^3: 0.96 GB) and with instance optimisation (sloppy: 2.3 GB;
-#: 175^3, one IO step: 10.5 GB).
+#: Peak memory (GB) of one registration, measured on CPU as the peak RSS of a whole process,
+#: rounded up: inference of both directions (175^3: 2.3 GB in benchmarks/bench_engine.py; sloppy
+#: 65^3: 0.96 GB with ``ugi-register``) and with instance optimisation (175^3, one IO step with
+#: activation checkpointing: 6.1 GB in the benchmark; sloppy: 2.3 GB before checkpointing).
 MEM_GB_INFERENCE = {175: 3.0, "sloppy": 1.0}
-MEM_GB_IO = {175: 11.0, "sloppy": 2.5}
+MEM_GB_IO = {175: 7.0, "sloppy": 2.5}
 
 PREALIGN_TEXT = {
     "affine": ("The images were first aligned in world (scanner) coordinates: initialised by "
