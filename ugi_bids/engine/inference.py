@@ -167,6 +167,9 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
             losses.append(record)
             LOGGER.info("IO step %d/%d: loss %.6f (similarity %.6f, GradICON %.6f)", step + 1,
                         steps, record.total, record.similarity, record.inverse_consistency)
+        # The optimiser's moments and the gradients (3x the weights) are not needed any more.
+        optimiser.zero_grad(set_to_none=True)
+        del optimiser
         with torch.no_grad():
             _, record, phi_ab, phi_ba = pair_objective(cascade, image_a, image_b, sim_fn, lmbda,
                                                        mask_a, mask_b)

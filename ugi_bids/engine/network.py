@@ -86,15 +86,11 @@ def _pad_or_crop_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return y
 
 
-def _batch_norm(bn: nn.BatchNorm3d, x: torch.Tensor) -> torch.Tensor:
-    """``bn(x)``; in eval mode (inference and instance optimisation) written out as the
-    per-channel affine map it is, which autograd handles far faster in channels-last layout
-    than the fused BatchNorm kernel."""
-    if bn.training:
-        return bn(x)
+def _batch_norm_affine(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm in eval mode as ``scale * x + shift`` per channel (differentiable in its
+    weight and bias)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    return x * scale[None, :, None, None, None] + shift[None, :, None, None, None]
+    return scale, bn.bias - bn.running_mean * scale
 
 
 class TallUNet2(nn.Module):
@@ -128,10 +124,21 @@ class TallUNet2(nn.Module):
             y = self.downConvs[depth](F.leaky_relu(x))
             x = y + _pad_or_crop_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
         for depth in reversed(range(self.num_layers)):
-            y = self.upConvs[depth](F.leaky_relu(x))
-            x = y + F.interpolate(_pad_or_crop_channels(x, y.shape[1]), scale_factor=2,
-                                  mode="trilinear", align_corners=False)
-            x = _batch_norm(self.batchNorms[depth], x)
+            conv, bn = self.upConvs[depth], self.batchNorms[depth]
+            if bn.training:
+                y = conv(F.leaky_relu(x))
+                x = bn(y + F.interpolate(_pad_or_crop_channels(x, y.shape[1]), scale_factor=2,
+                                         mode="trilinear", align_corners=False))
+            else:
+                # BN(convT(l) + up(r)) with BN = scale * v + shift per channel: folded into the
+                # transposed convolution and into r at the coarse resolution (exact algebra,
+                # autograd included), saving two full-resolution passes and their storage.
+                scale, shift = _batch_norm_affine(bn)
+                per_channel = scale[None, :, None, None, None]
+                y = F.conv_transpose3d(F.leaky_relu(x), conv.weight * per_channel,
+                                       conv.bias * scale + shift, stride=2, padding=1)
+                x = y + F.interpolate(_pad_or_crop_channels(x, y.shape[1]) * per_channel,
+                                      scale_factor=2, mode="trilinear", align_corners=False)
             skip = skips[depth]
             x = x[:, :, :skip.shape[2], :skip.shape[3], :skip.shape[4]]
             x = torch.cat([x, skip], 1)
