@@ -110,10 +110,11 @@ def sample_on_lattice(volume: Volume, lattice_to_world: np.ndarray, size: int,
     layout; zero beyond half a voxel outside the volume."""
     values = None
     if not nearest:
+        # lattice index -> normalised lattice coordinates -> world RAS mm -> volume voxel index
         lattice_index_to_world = lattice_to_world @ np.diag([1.0 / (size - 1)] * 3 + [1.0])
+        lattice_index_to_voxel = np.linalg.inv(volume.grid.affine) @ lattice_index_to_world
         values = sample_on_grid(np.asarray(volume.data, dtype=np.float32)[..., None],
-                                (size,) * 3, np.linalg.inv(volume.grid.affine)
-                                @ lattice_index_to_world)
+                                (size,) * 3, lattice_index_to_voxel)
     if values is None:
         index = lattice_indices_in(volume.grid, lattice_to_world, size).reshape(-1, 3)
         if nearest:
@@ -137,6 +138,7 @@ def world_field(displacement: torch.Tensor, fixed_box: np.ndarray, field_grid: G
     index_to_t = np.linalg.inv(fixed_box) @ field_to_fixed @ field_grid.affine
     linear = (fixed_to_output @ fixed_box)[:3, :3]
     table = displacement[0].permute(1, 2, 3, 0).to("cpu", torch.float32).contiguous().numpy()
+    # field voxel index -> normalised lattice coordinates t -> network lattice index
     to_lattice_index = np.diag([n - 1.0 for n in table.shape[:3]] + [1.0]) @ index_to_t
     vectors = sample_on_grid(table, field_grid.shape, to_lattice_index, linear,
                              zero_outside=False)

@@ -81,17 +81,6 @@ if numba is not None:
                         out[i, j, k, c] = total
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _trilinear_kernel(points, table, out, add_points):  # pragma: no cover - compiled
-        n0, n1, n2 = table.shape[0] - 1.0, table.shape[1] - 1.0, table.shape[2] - 1.0
-        for p in prange(points.shape[0]):
-            x = np.float64(points[p, 0]) * n0
-            y = np.float64(points[p, 1]) * n1
-            z = np.float64(points[p, 2]) * n2
-            for c in range(table.shape[3]):
-                value = _read(table, x, y, z, c)
-                out[p, c] = value + points[p, c] if add_points else value
-
-    @njit(parallel=True, cache=True, nogil=True)
     def _chain_kernel(start, use_start, t1, t2, t3, count, image, use_image, out
                       ):  # pragma: no cover - compiled
         n0, n1, n2 = out.shape[0], out.shape[1], out.shape[2]
@@ -145,31 +134,9 @@ def _grid_sample(table: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return sampled.reshape(table.shape[3], -1).T.reshape(*points.shape[:-1], table.shape[3])
 
 
-def compose(points: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-    """``points + u(points)``: a map ``x -> x + u(x)`` applied to ``points`` (..., 3).
-
-    ``displacement`` is u on its own lattice, channels-last (n0, n1, n2, 3) in normalised
-    coordinates; it is read trilinearly with border clamping (the cascade's convention).
-    """
-    if not _use_kernel(points, displacement):
-        return points + _grid_sample(displacement, points)
-    flat = points.reshape(-1, 3).contiguous()
-    out = torch.empty_like(flat)
-    _set_threads()
-    _trilinear_kernel(flat.numpy(), displacement.contiguous().numpy(), out.numpy(), True)
-    return out.reshape(points.shape)
-
-
-def sample(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """A scalar volume (n0, n1, n2) read trilinearly at ``points`` (..., 3) with border
-    clamping: returns (...)."""
-    if not _use_kernel(points, volume):
-        return _grid_sample(volume[..., None], points)[..., 0]
-    flat = points.reshape(-1, 3).contiguous()
-    out = torch.empty(flat.shape[0], 1, dtype=torch.float32)
-    _set_threads()
-    _trilinear_kernel(flat.numpy(), volume.contiguous()[..., None].numpy(), out.numpy(), False)
-    return out.reshape(points.shape[:-1])
+def _compose(points: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """``points + u(points)`` through ``grid_sample`` (the fallback of :func:`chain`)."""
+    return points + _grid_sample(displacement, points)
 
 
 def identity_points(shape, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -222,8 +189,8 @@ def chain(shape, start: torch.Tensor | None, displacements: list[torch.Tensor],
     (a displacement on this very lattice, added without interpolation), then
     ``x += u(x)`` for each ``u`` in ``displacements`` (channels-last (n0, n1, n2, 3), read
     trilinearly, border-clamped), in order. Returns the points (*shape, 3), or ``image``
-    ((m0, m1, m2), border-clamped) read at them, (*shape). Equals the corresponding
-    :func:`compose` / :func:`sample` calls, in one pass without intermediate arrays.
+    ((m0, m1, m2), border-clamped) read at them, (*shape): one pass without intermediate
+    arrays on the CPU, successive ``grid_sample`` calls elsewhere.
     """
     tensors = [t for t in (start, image, *displacements) if t is not None]
     if len(displacements) > 3 or not _use_kernel(*tensors):
@@ -231,8 +198,8 @@ def chain(shape, start: torch.Tensor | None, displacements: list[torch.Tensor],
         if start is not None:
             points = points + start
         for displacement in displacements:
-            points = compose(points, displacement)
-        return points if image is None else sample(image, points)
+            points = _compose(points, displacement)
+        return points if image is None else _grid_sample(image[..., None], points)[..., 0]
     dummy = np.zeros((1, 1, 1, 3), dtype=np.float32)
     tables = [d.contiguous().numpy() for d in displacements] + [dummy] * (3 - len(displacements))
     out = torch.empty((*shape, 1 if image is not None else 3), dtype=torch.float32)
