@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import prealign as prealign_module
+from .allocator import retain_freed_memory
 from .errors import DeviceUnavailableError
 from .geometry import Grid, network_box, network_box_grid, to_tensor_layout
 from .inference import IO_LEARNING_RATE, IO_STEPS, PairMaps, instance_optimise
@@ -265,6 +266,9 @@ class Registrar:
     def __init__(self, model: str = "unigradicon", weights=None, *, device="auto",
                  network_size: int = DEFAULT_NETWORK_SIZE, download: bool = False):
         from .weights import load_network  # local import keeps `import ugi_bids.engine` light
+
+        # A Registrar lives for many large-tensor operations: reuse freed pages (see allocator).
+        retain_freed_memory()
 
         if int(network_size) < MIN_NETWORK_SIZE:
             raise ValueError(f"network grid must be at least {MIN_NETWORK_SIZE}^3 "
