@@ -204,3 +204,43 @@ def test_prepared_fixed_side_gives_the_same_affine(fixed, other_brain):
     np.testing.assert_array_equal(reused, direct)
     with pytest.raises(ValueError, match="another fixed image"):
         prealign(other_brain, fixed, prepared=prepared)
+
+
+@pytest.mark.parametrize("moved_mm", [0.0, 60.0])
+def test_compiled_mutual_information_matches_autograd(fixed, other_brain, moved_mm):
+    """The compiled Mattes MI (value, overlap and gradient in M and t) is the autograd function
+    of grid_sample + Parzen histogram, also when part of the samples leave the moving field of
+    view (moved 60 mm: zeros outside, weights drop)."""
+    import torch
+
+    from ugi_bids.engine import mattes_mi
+    from ugi_bids.engine import prealign as module
+
+    settings = module.PrealignSettings()
+    prepared = prepare_fixed(fixed, settings=settings)
+    unit = module.unit_intensities(other_brain.data,
+                                   module.intensity_window(other_brain.data, None, "moving"))
+    moving_levels = module.world_pyramid(other_brain, unit, None, settings.spacings)
+    rng = np.random.default_rng(7)
+    level = module._level_data(prepared.levels[1], moving_levels[1], prepared.centre, "mi",
+                               settings, rng)
+    assert mattes_mi.available()
+    for _ in range(3):
+        matrix = torch.tensor(np.eye(3) + 0.05 * rng.standard_normal((3, 3)),
+                              dtype=torch.float32, requires_grad=True)
+        shift = rng.uniform(-5, 5, size=3) + [moved_mm, 0.0, 0.0]
+        translation = torch.tensor(shift, dtype=torch.float32, requires_grad=True)
+        values, inside = module._sample_moving(level, matrix, translation)
+        weights = level.fixed_weights * inside
+        expected = module.mutual_information_loss(level.fixed_memberships, values, weights,
+                                                  level.bins)
+        expected_grads = torch.autograd.grad(expected, [matrix, translation])
+        loss, overlap = module._loss(level, "mi", matrix, translation)
+        grads = torch.autograd.grad(loss, [matrix, translation])
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+        assert float(overlap) == pytest.approx(float(weights.sum() / level.fixed_weights.sum()),
+                                               rel=1e-5)
+        for got, want in zip(grads, expected_grads):
+            assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-7
+    if moved_mm:
+        assert float(overlap) < 0.9

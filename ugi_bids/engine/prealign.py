@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from . import mattes_mi
 from .errors import InputDataError
 from .geometry import Grid, apply_affine
 from .volume import Volume
@@ -118,7 +119,7 @@ def intensity_window(data: np.ndarray, mask: np.ndarray | None = None,
     histogram); falls back to the maximum when that percentile equals the minimum. Raises
     :class:`InputDataError` for a constant image (within ``mask`` when given).
     """
-    values = data[mask] if mask is not None else data.ravel()
+    values = data[mask] if mask is not None else data.ravel(order="K")
     lo = float(values.min())
     hi = float(np.percentile(values, 99.5))
     if not hi > lo:
@@ -144,9 +145,10 @@ def com_weights(data: np.ndarray, mask: np.ndarray | None = None,
     the centre. When the median is already the top of the range (an object filling most of the
     field of view), the minimum is used instead of the median.
     """
-    values = data[mask] if mask is not None else data.ravel()
-    lo = float(np.median(values))
-    hi = float(np.percentile(values, 99.5))
+    # ravel(order="K") is a view of NIfTI's Fortran-ordered arrays; one percentile call with
+    # two ranks selects both values in one fast partition.
+    values = data[mask] if mask is not None else data.ravel(order="K")
+    lo, hi = (float(v) for v in np.percentile(values, [50.0, 99.5]))
     if not hi > lo:
         lo, hi = float(values.min()), float(values.max())
         if not hi > lo:
@@ -408,6 +410,7 @@ class _LevelData:
     spacing: float              # moving lattice spacing, mm
     shape: tuple                # moving lattice shape
     bins: int                   # mutual-information histogram bins
+    kernel_inputs: tuple | None = None  # numpy views for the compiled MI (see _kernel_inputs)
 
 
 def sampling_region(level: PyramidLevel, margin_voxels: int = 2) -> np.ndarray:
@@ -467,6 +470,17 @@ def _level_data(fixed: PyramidLevel, moving: PyramidLevel, centre: np.ndarray, m
     )
 
 
+def _kernel_inputs(level: _LevelData) -> tuple:
+    """The level's arrays in the form :class:`mattes_mi.MattesMI` reads (built once)."""
+    if level.kernel_inputs is None:
+        index, weight = level.fixed_memberships
+        level.kernel_inputs = (
+            level.points.numpy(), np.ascontiguousarray(level.moving[0].numpy()),
+            index.numpy(), weight.numpy(), level.fixed_weights.numpy(), level.spacing,
+            level.bins)
+    return level.kernel_inputs
+
+
 def _sample_moving(level: _LevelData, matrix: torch.Tensor, translation: torch.Tensor):
     """Moving values and weights at ``A(x)`` for the level's fixed points x."""
     offset = torch.from_numpy(level.offset.astype(np.float32))
@@ -483,6 +497,11 @@ def _sample_moving(level: _LevelData, matrix: torch.Tensor, translation: torch.T
 
 def _loss(level: _LevelData, metric: str, matrix: torch.Tensor,
           translation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if metric == "mi" and mattes_mi.available():
+        # The same loss and gradient as below, compiled (see mattes_mi): ~15x faster.
+        shift = torch.from_numpy(level.offset.astype(np.float32)) + translation
+        loss, total = mattes_mi.MattesMI.apply(matrix, shift, *_kernel_inputs(level))
+        return loss, total / level.fixed_weights.sum()
     values, moving_weight = _sample_moving(level, matrix, translation)
     weights = level.fixed_weights * moving_weight
     if metric == "mi":
