@@ -25,6 +25,13 @@ def cascade_unets(cascade: nn.Module) -> tuple[TallUNet2, TallUNet2, TallUNet2, 
     return (coarse.netPhi.net.net, coarse.netPsi.net, level.netPsi.net, cascade.netPsi.net)
 
 
+def fold_unets(cascade: nn.Module) -> None:
+    """Build (or refresh) the folded inference form of all four U-Nets now, e.g. when the
+    weights are loaded, rather than inside the first registration."""
+    for unet in cascade_unets(cascade):
+        inference_unet(unet)
+
+
 def _warped(image: torch.Tensor, start, displacements) -> torch.Tensor:
     """``image`` (1, 1, *S) read (border-clamped) through the maps, as (1, 1, *S)."""
     return chain(image.shape[2:], start, displacements, image[0, 0])[None, None]

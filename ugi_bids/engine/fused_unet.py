@@ -35,6 +35,8 @@ _TRANSPOSED_TAPS = ({0: 1, -1: 3}, {0: 2, 1: 0})
 #: Trilinear x2 upsampling (align_corners=False) along one axis: output 2m + phase is
 #: sum(weight * input[m + offset]).
 _UPSAMPLE_WEIGHTS = ({-1: 0.25, 0: 0.75}, {0: 0.75, 1: 0.25})
+#: The eight sub-pixel phases (p, q, r) in the composed convolution's (phase-major) order.
+_PHASES = tuple((p, q, r) for p in range(2) for q in range(2) for r in range(2))
 
 
 def _phase_tables(dtype=torch.float64):
@@ -151,14 +153,28 @@ class InferenceUNet:
             skip = skips[depth]
             y = y[:, :, :skip.shape[2], :skip.shape[3], :skip.shape[4]]
             x = torch.cat([y, skip], 1).contiguous(memory_format=CHANNELS_LAST)
-        return self._top(x, skips[0])
-
-    def _top(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        half = x.shape[2:]
+        skip = skips[0]
+        skips.clear()
         full = skip.shape[2:]
-        # The composed convolution reads [leaky_relu(x) zero-padded, x[:, :16] edge-padded
-        # (the upsampling's clamp), the input images as 8 phases of the half lattice, zero
-        # beyond the crop], assembled in place in one channels-last buffer.
+        # The faces need x; take them first so that x is freed before the largest tensors
+        # (the stacked input and the composed convolution's output) exist.
+        faces = [(axis, high, self._face(x, skip, axis, high)) for axis in range(3)
+                 for high in (False, True)]
+        stacked = self._stacked_input(x, skip)
+        del x
+        out = F.conv3d(stacked, self.top_weight, self.top_bias)  # (1, 24, *half)
+        del stacked
+        table = self._interleave_phases(out, full)
+        for axis, high, plane in faces:
+            table.select(axis, full[axis] - 1 if high else 0).copy_(plane)
+        return table
+
+    def _stacked_input(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The composed convolution's input on the half lattice with a one-voxel rim:
+        [leaky_relu(x) zero-padded, x[:, :16] edge-padded (the upsampling's clamp), the input
+        images as 8 phases of the half lattice, zero beyond the crop], assembled in place in one
+        channels-last buffer."""
+        half = x.shape[2:]
         up_channels, skip_channels = self.top_channels, skip.shape[1]
         stacked = torch.empty((1, x.shape[1] + up_channels + 8 * skip_channels,
                                *(h + 2 for h in half)), dtype=x.dtype, device=x.device,
@@ -174,19 +190,28 @@ class InferenceUNet:
             n = residual.shape[dim]
             residual.select(dim, 0).copy_(residual.select(dim, 1))
             residual.select(dim, n - 1).copy_(residual.select(dim, n - 2))
-        padded = F.pad(skip, (0, 2 * half[2] - full[2], 0, 2 * half[1] - full[1],
-                              0, 2 * half[0] - full[0]))
-        phases = padded.reshape(1, skip_channels, half[0], 2, half[1], 2, half[2], 2)
-        phases = phases.permute(0, 3, 5, 7, 1, 2, 4, 6).reshape(1, 8 * skip_channels, *half)
-        inner[:, x.shape[1] + up_channels:] = phases
-        out = F.conv3d(stacked, self.top_weight, self.top_bias)  # (1, 24, *half)
+        # Phase (p, q, r) of the images: skip[2m + p, 2n + q, 2o + r] at half index (m, n, o),
+        # channels phase-major; zero where the full lattice has no such point (odd sizes).
+        phases = inner[:, x.shape[1] + up_channels:]
+        for index, (p, q, r) in enumerate(_PHASES):
+            block = phases[:, index * skip_channels:(index + 1) * skip_channels]
+            source = skip[:, :, p::2, q::2, r::2]
+            counts = source.shape[2:]
+            block[:, :, :counts[0], :counts[1], :counts[2]] = source
+            for dim, count in zip((2, 3, 4), counts):
+                block.narrow(dim, count, block.shape[dim] - count).zero_()
+        return stacked
+
+    @staticmethod
+    def _interleave_phases(out: torch.Tensor, full) -> torch.Tensor:
+        """(1, 8 x 3, *half) phase-major outputs -> the (*full, 3) displacement table."""
         outputs = out.shape[1] // 8
-        table = out.permute(0, 2, 3, 4, 1).reshape(*half, 2, 2, 2, outputs)
-        table = table.permute(0, 3, 1, 4, 2, 5, 6).reshape(*(2 * h for h in half), outputs)
-        table = table[:full[0], :full[1], :full[2]].contiguous()
-        for axis in range(3):
-            table.select(axis, 0).copy_(self._face(x, skip, axis, high=False))
-            table.select(axis, full[axis] - 1).copy_(self._face(x, skip, axis, high=True))
+        by_voxel = out[0].permute(1, 2, 3, 0)  # (*half, 24), a view of the channels-last out
+        table = torch.empty((*full, outputs), dtype=out.dtype, device=out.device)
+        for index, (p, q, r) in enumerate(_PHASES):
+            target = table[p::2, q::2, r::2]
+            n0, n1, n2 = target.shape[:3]
+            target.copy_(by_voxel[:n0, :n1, :n2, index * outputs:(index + 1) * outputs])
         return table
 
     def _face(self, x: torch.Tensor, skip: torch.Tensor, axis: int, high: bool) -> torch.Tensor:
