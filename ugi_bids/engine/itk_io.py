@@ -32,6 +32,11 @@ import uuid
 import nibabel as nib
 import numpy as np
 
+try:  # numba is a runtime dependency; numpy does the same work without it
+    from numba import njit, prange
+except ImportError:  # pragma: no cover
+    njit = None
+
 from .errors import InputDataError, MissingInputError, OutputError
 from .geometry import RAS_TO_LPS, Grid
 from .transforms import DisplacementField, WorldTransform
@@ -143,9 +148,30 @@ def _field_parameters_lps(field: DisplacementField, dtype) -> tuple[np.ndarray, 
     origin, spacing, direction = grid_to_itk_geometry(field.grid)
     fixed = np.concatenate([np.asarray(field.grid.shape, dtype=np.float64), origin, spacing,
                             direction.ravel()])
-    vectors = np.transpose(np.asarray(field.vectors, dtype=dtype), (2, 1, 0, 3)) * \
-        np.asarray([-1.0, -1.0, 1.0], dtype=dtype)
-    return fixed, np.ascontiguousarray(vectors).reshape(-1)
+    return fixed, _itk_buffer(np.asarray(field.vectors), dtype).reshape(-1)
+
+
+if njit is not None:
+    @njit(parallel=True, cache=True, nogil=True)
+    def _itk_buffer_kernel(vectors, out):  # pragma: no cover - compiled
+        for k in prange(vectors.shape[2]):
+            for j in range(vectors.shape[1]):
+                for i in range(vectors.shape[0]):
+                    out[k, j, i, 0] = -vectors[i, j, k, 0]
+                    out[k, j, i, 1] = -vectors[i, j, k, 1]
+                    out[k, j, i, 2] = vectors[i, j, k, 2]
+
+
+def _itk_buffer(vectors: np.ndarray, dtype) -> np.ndarray:
+    """(i, j, k, 3) RAS vectors -> (k, j, i, 3) LPS vectors of ``dtype`` (ITK's buffer order,
+    i fastest): one threaded pass (numpy's transposing copy took 0.2 s per 177^3 field)."""
+    out = np.empty((vectors.shape[2], vectors.shape[1], vectors.shape[0], 3), dtype=dtype)
+    if njit is not None and vectors.dtype == dtype:
+        _itk_buffer_kernel(vectors, out)
+    else:
+        np.multiply(np.transpose(vectors, (2, 1, 0, 3)), np.asarray([-1, -1, 1], dtype=dtype),
+                    out=out, casting="same_kind")
+    return out
 
 
 def _affine_parameters_lps(affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
