@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -673,6 +674,17 @@ def prepare_fixed(fixed: Volume, fixed_mask=None,
     return FixedSide(fixed, fmask, centre, radius, levels, tuple(settings.spacings))
 
 
+def _prepare_moving(moving: Volume, moving_mask, settings: PrealignSettings
+                    ) -> tuple[np.ndarray, list]:
+    """The moving image's centre of mass (world RAS mm) and world pyramid."""
+    _check_finite(moving, "moving image")
+    mmask = _mask_on_grid(moving_mask, moving, "moving mask")
+    moving_unit = unit_intensities(moving.data,
+                                   intensity_window(moving.data, mmask, "moving image"))
+    return (centre_of_mass(moving, mmask),
+            world_pyramid(moving, moving_unit, mmask, settings.spacings))
+
+
 def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, moving_mask=None,
                           metric: str = "auto", settings: PrealignSettings | None = None,
                           prepared: FixedSide | None = None) -> PrealignResult:
@@ -690,22 +702,23 @@ def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, mov
     if len(settings.affine_iterations) != len(settings.spacings):
         raise ValueError("settings.affine_iterations needs one entry per spacing")
     if prepared is None:
-        prepared = prepare_fixed(fixed, fixed_mask, settings)
+        # The two images' preparations are independent and spend their time in numpy/scipy,
+        # which release the GIL: the fixed side runs beside the moving side (~0.5 s less).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            fixed_side = pool.submit(prepare_fixed, fixed, fixed_mask, settings)
+            moving_centre, moving_levels = _prepare_moving(moving, moving_mask, settings)
+            prepared = fixed_side.result()
     elif prepared.volume is not fixed or prepared.spacings != tuple(settings.spacings):
         raise ValueError("prepared fixed side belongs to another fixed image or settings")
-    _check_finite(moving, "moving image")
-    mmask = _mask_on_grid(moving_mask, moving, "moving mask")
-    moving_unit = unit_intensities(moving.data,
-                                   intensity_window(moving.data, mmask, "moving image"))
+    else:
+        moving_centre, moving_levels = _prepare_moving(moving, moving_mask, settings)
     centre, radius = prepared.centre, prepared.radius
-    moving_centre = centre_of_mass(moving, mmask)
     matrix = np.eye(3)
     translation = moving_centre - centre
     logger.info("prealign: centre of mass fixed %s mm, moving %s mm (RAS); initial shift %s mm",
                 np.round(centre, 1).tolist(), np.round(moving_centre, 1).tolist(),
                 np.round(translation, 1).tolist())
 
-    moving_levels = world_pyramid(moving, moving_unit, mmask, settings.spacings)
     rng = np.random.default_rng(settings.seed)
     result = PrealignResult(affine=compose(matrix, translation, centre), metric=metric)
     with _torch_threads(settings.threads):

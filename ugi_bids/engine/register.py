@@ -315,24 +315,15 @@ class Registrar:
         moving_n = preprocess(moving, moving_modality, moving_mask, masking == "input",
                               "moving image")
         preprocess_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        affine = prealignment(fixed_n, moving_n, prealign, network_size=self.network_size,
-                              fixed_mask=fixed_inside, moving_mask=moving_inside)
-        prealign_s = time.perf_counter() - start
-        result = self.register_prealigned(
-            fixed_n, moving_n, affine, keep_storage=prealign == "none",
+        return self._align_and_register(
+            fixed_n, moving_n, prealign=prealign, fixed_mask=fixed_inside,
+            moving_mask=moving_inside,
             loss_masks=(fixed_inside, moving_inside) if masking == "loss" else None,
             io_iterations=io_iterations, io_similarity=io_similarity,
-            io_learning_rate=io_learning_rate)
-        result.timings = {"preprocess_s": preprocess_s, "prealign_s": prealign_s,
-                          **result.timings}
-        result.settings.update({
-            "prealign": prealign, "fixed_modality": fixed_modality,
-            "moving_modality": moving_modality,
-            "masking": masking if (fixed_mask is not None or moving_mask is not None) else None,
-        })
-        return result
+            io_learning_rate=io_learning_rate, timings={"preprocess_s": preprocess_s},
+            settings={"fixed_modality": fixed_modality, "moving_modality": moving_modality,
+                      "masking": masking if (fixed_mask is not None or moving_mask is not None)
+                      else None})
 
     def register_many(self, fixed: Volume, movings: Iterable[Volume | str | os.PathLike], *,
                       fixed_modality: str = "mri", moving_modality: str = "mri",
@@ -362,20 +353,34 @@ class Registrar:
             start = time.perf_counter()
             moving_n = preprocess(moving, moving_modality, None, False, "moving image")
             preprocess_s = time.perf_counter() - start
-            start = time.perf_counter()
-            affine = prealignment(fixed_n, moving_n, prealign, network_size=self.network_size,
-                                  fixed_mask=fixed_inside, prepared=prepared)
-            prealign_s = time.perf_counter() - start
-            result = self.register_prealigned(
-                fixed_n, moving_n, affine, keep_storage=prealign == "none",
+            yield self._align_and_register(
+                fixed_n, moving_n, prealign=prealign, fixed_mask=fixed_inside, prepared=prepared,
                 io_iterations=io_iterations, io_similarity=io_similarity,
-                io_learning_rate=io_learning_rate)
-            result.timings = {"read_s": read_s, "preprocess_s": preprocess_s,
-                              "prealign_s": prealign_s, **result.timings}
-            result.settings.update({"prealign": prealign, "fixed_modality": fixed_modality,
-                                    "moving_modality": moving_modality,
-                                    "masking": "input" if fixed_mask is not None else None})
-            yield result
+                io_learning_rate=io_learning_rate,
+                timings={"read_s": read_s, "preprocess_s": preprocess_s},
+                settings={"fixed_modality": fixed_modality, "moving_modality": moving_modality,
+                          "masking": "input" if fixed_mask is not None else None})
+
+    def _align_and_register(self, fixed: Volume, moving: Volume, *, prealign: str,
+                            fixed_mask: np.ndarray | None = None,
+                            moving_mask: np.ndarray | None = None,
+                            prepared: prealign_module.FixedSide | None = None,
+                            loss_masks: tuple | None = None, io_iterations: int,
+                            io_similarity: str, io_learning_rate: float, timings: dict,
+                            settings: dict) -> RegistrationResult:
+        """Pre-align two NORMALISED volumes, then :meth:`register_prealigned`; ``timings``
+        (the caller's steps so far) and ``settings`` go onto the result ahead of its own."""
+        start = time.perf_counter()
+        affine = prealignment(fixed, moving, prealign, network_size=self.network_size,
+                              fixed_mask=fixed_mask, moving_mask=moving_mask, prepared=prepared)
+        timings = {**timings, "prealign_s": time.perf_counter() - start}
+        result = self.register_prealigned(
+            fixed, moving, affine, keep_storage=prealign == "none", loss_masks=loss_masks,
+            io_iterations=io_iterations, io_similarity=io_similarity,
+            io_learning_rate=io_learning_rate)
+        result.timings = {**timings, **result.timings}
+        result.settings.update({"prealign": prealign, **settings})
+        return result
 
     def register_prealigned(self, fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *,
                             keep_storage: bool = False, loss_masks: tuple | None = None,
