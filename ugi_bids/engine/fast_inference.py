@@ -32,6 +32,13 @@ def fold_unets(cascade: nn.Module) -> None:
         inference_unet(unet)
 
 
+def drop_folded_unets(cascade: nn.Module) -> None:
+    """Forget the folded forms (they go stale when the weights change, and instance
+    optimisation needs their ~0.3 GB more than a snapshot it would rebuild anyway)."""
+    for unet in cascade_unets(cascade):
+        unet._ugi_inference = None
+
+
 def _warped(image: torch.Tensor, start, displacements) -> torch.Tensor:
     """``image`` (1, 1, *S) read (border-clamped) through the maps, as (1, 1, *S)."""
     return chain(image.shape[2:], start, displacements, image[0, 0])[None, None]

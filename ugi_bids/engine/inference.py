@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .fast_inference import cascade_map, cascade_transform
+from .fast_inference import cascade_map, cascade_transform, drop_folded_unets
 from .network import CoordinateMap, FunctionFromVectorField, identity_grid, warp
 from .similarity import SimilarityFn, get_similarity
 
@@ -152,6 +152,7 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
     sim_fn = get_similarity(similarity)
     start = time.perf_counter()
     saved = copy.deepcopy(cascade.state_dict())
+    drop_folded_unets(cascade)
     cascade.eval()
     cascade.to(memory_format=torch.channels_last_3d)
     set_checkpointing(cascade, checkpointing)
