@@ -62,7 +62,7 @@ REFERENCE_MEASUREMENTS = ("ref_infer", "ref_io")
 IO_MEASUREMENTS = ("ours_io", "ref_io")
 #: Peak RSS of one IO step at 175^3, measured here (GB); scaled by (grid/175)^3 for the
 #: free-memory guard.
-IO_PEAK_GB_175 = {"ours_io": 11.0, "ref_io": 15.0}
+IO_PEAK_GB_175 = {"ours_io": 7.0, "ref_io": 15.0}
 IO_STEPS_PER_PAIR = 50
 GB = 1e9
 
