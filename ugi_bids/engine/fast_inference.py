@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_unet import inference_unet
+from .fused_unet import drop_inference_unet, inference_unet
 from .network import CoordinateMap, TallUNet2, warp
 from .sampling import chain
 
@@ -36,7 +36,7 @@ def drop_folded_unets(cascade: nn.Module) -> None:
     """Forget the folded forms (they go stale when the weights change, and instance
     optimisation needs their ~0.3 GB more than a snapshot it would rebuild anyway)."""
     for unet in cascade_unets(cascade):
-        unet._ugi_inference = None
+        drop_inference_unet(unet)
 
 
 def _warped(image: torch.Tensor, start, displacements) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .network import TallUNet2
+from .network import TallUNet2, batch_norm_affine
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -62,13 +62,6 @@ def _phase_tables(dtype=torch.float64):
     return transposed, upsample, skip
 
 
-def _batchnorm_affine(bn: torch.nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm in eval mode as ``scale * x + shift`` (per channel, float64)."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    shift = bn.bias.double() - bn.running_mean.double() * scale
-    return scale, shift
-
-
 def _state_key(module: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in
                  (*module.parameters(), *module.buffers()))
@@ -94,7 +87,7 @@ class InferenceUNet:
             self.down = [(cl(c.weight), c.bias.to(dtype)) for c in unet.downConvs]
             self.up = []
             for conv, bn in zip(unet.upConvs, unet.batchNorms):
-                scale, shift = _batchnorm_affine(bn)
+                scale, shift = batch_norm_affine(bn, torch.float64)
                 weight = conv.weight.double() * scale[None, :, None, None, None]
                 bias = conv.bias.double() * scale + shift
                 self.up.append((cl(weight), bias.to(device, dtype),
@@ -110,7 +103,7 @@ class InferenceUNet:
         equals lastConv(cat(BN(upConv0(L) + up(R)), skip)) / 10 away from the faces.
         Inputs: L = leaky_relu(x) (48), R = x[:, :16] (16), skip phases (8 x 2)."""
         transposed, upsample, skip = _phase_tables()
-        scale, shift = _batchnorm_affine(unet.batchNorms[0])
+        scale, shift = batch_norm_affine(unet.batchNorms[0], torch.float64)
         up_channels = scale.shape[0]
         last = unet.lastConv.weight.double()
         last_z = last[:, :up_channels] * scale[None, :, None, None, None]
@@ -244,6 +237,11 @@ class InferenceUNet:
         weight = weight.movedim(2 + axis, 2).reshape(weight.shape[0], -1, 3, 3)
         plane = F.conv2d(window, weight.contiguous(memory_format=torch.channels_last), bias) / 10
         return plane[0].permute(1, 2, 0)
+
+
+def drop_inference_unet(unet: TallUNet2) -> None:
+    """Forget ``unet``'s cached folded form (the next :func:`inference_unet` rebuilds it)."""
+    unet._ugi_inference = None
 
 
 def inference_unet(unet: TallUNet2) -> InferenceUNet:

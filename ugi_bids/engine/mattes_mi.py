@@ -176,8 +176,10 @@ if njit is not None:
 
 
 class MattesMI(torch.autograd.Function):
-    """``loss, overlap_weight = MattesMI.apply(matrix, shift, level)`` with autograd support
-    for ``matrix`` (3x3) and ``shift`` (3,: translation plus the level's offset, mm)."""
+    """``loss, overlap_weight = MattesMI.apply(matrix, shift, points, moving, fixed_index,
+    fixed_weight, fixed_sample_weight, spacing, bins)``, differentiable in ``matrix`` (3x3) and
+    ``shift`` (3,: the translation plus the fixed centre's offset from the moving lattice
+    origin, mm); the other arguments are the level's arrays (``prealign._kernel_inputs``)."""
 
     @staticmethod
     def forward(ctx, matrix, shift, points, moving, fixed_index, fixed_weight,

@@ -86,11 +86,14 @@ def _pad_or_crop_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return y
 
 
-def _batch_norm_affine(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm in eval mode as ``scale * x + shift`` per channel (differentiable in its
-    weight and bias)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+def batch_norm_affine(bn: nn.BatchNorm3d, dtype: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm in eval mode as ``scale * x + shift`` per channel, computed in ``dtype``
+    (default: the parameters' own; differentiable in its weight and bias)."""
+    weight, bias, mean, var = (t if dtype is None else t.to(dtype) for t in
+                               (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - mean * scale
 
 
 class TallUNet2(nn.Module):
@@ -133,7 +136,7 @@ class TallUNet2(nn.Module):
                 # BN(convT(l) + up(r)) with BN = scale * v + shift per channel: folded into the
                 # transposed convolution and into r at the coarse resolution (exact algebra,
                 # autograd included), saving two full-resolution passes and their storage.
-                scale, shift = _batch_norm_affine(bn)
+                scale, shift = batch_norm_affine(bn)
                 per_channel = scale[None, :, None, None, None]
                 y = F.conv_transpose3d(F.leaky_relu(x), conv.weight * per_channel,
                                        conv.bias * scale + shift, stride=2, padding=1)

@@ -411,7 +411,6 @@ class _LevelData:
     spacing: float              # moving lattice spacing, mm
     shape: tuple                # moving lattice shape
     bins: int                   # mutual-information histogram bins
-    kernel_inputs: tuple | None = None  # numpy views for the compiled MI (see _kernel_inputs)
 
 
 def sampling_region(level: PyramidLevel, margin_voxels: int = 2) -> np.ndarray:
@@ -472,14 +471,10 @@ def _level_data(fixed: PyramidLevel, moving: PyramidLevel, centre: np.ndarray, m
 
 
 def _kernel_inputs(level: _LevelData) -> tuple:
-    """The level's arrays in the form :class:`mattes_mi.MattesMI` reads (built once)."""
-    if level.kernel_inputs is None:
-        index, weight = level.fixed_memberships
-        level.kernel_inputs = (
-            level.points.numpy(), np.ascontiguousarray(level.moving[0].numpy()),
-            index.numpy(), weight.numpy(), level.fixed_weights.numpy(), level.spacing,
-            level.bins)
-    return level.kernel_inputs
+    """The level's arrays as :class:`mattes_mi.MattesMI` reads them (numpy views, no copy)."""
+    index, weight = level.fixed_memberships
+    return (level.points.numpy(), level.moving[0].numpy(), index.numpy(), weight.numpy(),
+            level.fixed_weights.numpy(), level.spacing, level.bins)
 
 
 def _sample_moving(level: _LevelData, matrix: torch.Tensor, translation: torch.Tensor):
