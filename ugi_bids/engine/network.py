@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import trilinear
+from .upsample_join import upsample_add_join
+
 #: tallUNet2 channel plan: (down channels, up channels).
 DOWN_CHANNELS = (2, 16, 32, 64, 256, 512)
 UP_CHANNELS = (16, 32, 64, 128, 256)
@@ -49,33 +52,17 @@ def warp(image: torch.Tensor, coords: torch.Tensor, padding: str = "border") -> 
     """Sample ``image`` (B, C, *S) at normalised coordinates ``coords`` (B, 3, *T).
 
     Trilinear, ``align_corners=True``; ``padding`` is "border" for maps and images inside the
-    cascade and "zeros" for the images the similarity loss sees (as in the reference).
+    cascade and "zeros" for the images the similarity loss sees (as in the reference). One image
+    and one set of points in float32 on the CPU go through the compiled kernels of
+    :mod:`ugi_bids.engine.trilinear` (the same numbers and gradients, all threads);
+    everything else through ``grid_sample``.
     """
+    if trilinear.supported(image, coords):
+        return trilinear.sample(image, coords, padding)
     grid = (coords * 2.0 - 1.0).flip(1).permute(0, 2, 3, 4, 1)
     if grid.shape[0] == 1 and image.shape[0] != 1:
         grid = grid.expand(image.shape[0], -1, -1, -1, -1)
-    threads = torch.get_num_threads()
-    if image.device.type == "cpu" and grid.shape[0] == 1 and threads > 1 \
-            and grid[0, ..., 0].numel() >= 4096:
-        return _threaded_grid_sample(image, grid, padding, threads)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
-
-
-def _threaded_grid_sample(image: torch.Tensor, grid: torch.Tensor, padding: str,
-                          threads: int) -> torch.Tensor:
-    """``grid_sample`` for one grid, with the points dealt into ``threads`` batch entries:
-    PyTorch's 3-D CPU kernel (forward and backward) runs in parallel over the batch only. Every
-    point is computed exactly as in a single call."""
-    spatial = grid.shape[1:4]
-    points = grid.reshape(-1, 3)
-    count = points.shape[0]
-    per_thread = -(-count // threads)
-    points = F.pad(points, (0, 0, 0, per_thread * threads - count))
-    sampled = F.grid_sample(image.expand(threads, -1, -1, -1, -1),
-                            points.reshape(threads, per_thread, 1, 1, 3), mode="bilinear",
-                            padding_mode=padding, align_corners=True)  # (T, C, per, 1, 1)
-    sampled = sampled.permute(1, 0, 2, 3, 4).reshape(image.shape[1], -1)[:, :count]
-    return sampled.reshape(1, image.shape[1], *spatial)
 
 
 def _pad_or_crop_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -127,24 +114,23 @@ class TallUNet2(nn.Module):
             y = self.downConvs[depth](F.leaky_relu(x))
             x = y + _pad_or_crop_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
         for depth in reversed(range(self.num_layers)):
-            conv, bn = self.upConvs[depth], self.batchNorms[depth]
+            conv, bn, skip = self.upConvs[depth], self.batchNorms[depth], skips[depth]
             if bn.training:
                 y = conv(F.leaky_relu(x))
                 x = bn(y + F.interpolate(_pad_or_crop_channels(x, y.shape[1]), scale_factor=2,
                                          mode="trilinear", align_corners=False))
+                x = torch.cat([x[:, :, :skip.shape[2], :skip.shape[3], :skip.shape[4]], skip], 1)
             else:
                 # BN(convT(l) + up(r)) with BN = scale * v + shift per channel: folded into the
                 # transposed convolution and into r at the coarse resolution (exact algebra,
                 # autograd included), saving two full-resolution passes and their storage.
+                # The upsampling, sum, crop and concatenation then run as one pass.
                 scale, shift = batch_norm_affine(bn)
                 per_channel = scale[None, :, None, None, None]
                 y = F.conv_transpose3d(F.leaky_relu(x), conv.weight * per_channel,
                                        conv.bias * scale + shift, stride=2, padding=1)
-                x = y + F.interpolate(_pad_or_crop_channels(x, y.shape[1]) * per_channel,
-                                      scale_factor=2, mode="trilinear", align_corners=False)
-            skip = skips[depth]
-            x = x[:, :, :skip.shape[2], :skip.shape[3], :skip.shape[4]]
-            x = torch.cat([x, skip], 1)
+                x = upsample_add_join(y, _pad_or_crop_channels(x, y.shape[1]) * per_channel,
+                                      skip)
         return (self.lastConv(x) / 10).contiguous()
 
 
