@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.checkpoints import random_state_dict
-from ugi_bids.engine import trilinear, upsample_join
+from ugi_bids.engine import narrow_conv, trilinear, upsample_join
 from ugi_bids.engine.inference import pair_objective, set_checkpointing
 from ugi_bids.engine.network import build_cascade, identity_grid
 from ugi_bids.engine.similarity import get_similarity
@@ -95,6 +95,30 @@ def test_upsample_add_join_equals_pytorch(coarse, fine, channels, extra):
         assert torch.allclose(mine, theirs, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_narrow_conv_gradients_equal_oneDNN(layout):
+    """The last layer (18 -> 3, 3x3x3, padding 1) on an anisotropic lattice spanning several
+    GEMM slabs: output and input gradient are oneDNN's, the weight gradient the same sums."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 18, 11, 7, 9).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(3, 18, 3, 3, 3, requires_grad=True)
+    bias = torch.randn(3, requires_grad=True)
+    upstream = torch.randn(1, 3, 11, 7, 9)
+    assert narrow_conv.supported(x, weight)
+    ours = narrow_conv.conv3d(x, weight, bias)
+    ref = F.conv3d(x, weight, bias, padding=1)
+    assert torch.equal(ours, ref)
+    mine = torch.autograd.grad(ours, (x, weight, bias), upstream)
+    theirs = torch.autograd.grad(ref, (x, weight, bias), upstream)
+    assert torch.equal(mine[0], theirs[0])
+    assert torch.allclose(mine[1], theirs[1], rtol=1e-5, atol=1e-4)
+    assert torch.allclose(mine[2], theirs[2], rtol=1e-5, atol=1e-4)
+    edge = narrow_conv.weight_gradient(x.detach()[:, :, :1], upstream[:, :, :1])  # one plane
+    assert torch.allclose(edge, torch.ops.aten.convolution_backward(
+        upstream[:, :, :1], x.detach()[:, :, :1], weight.detach(), None, [1] * 3, [1] * 3,
+        [1] * 3, False, [0] * 3, 1, [False, True, False])[1], rtol=1e-5, atol=1e-4)
+
+
 def test_io_objective_and_gradients_unchanged_by_the_kernels(monkeypatch):
     """One IO step's loss and weight gradients, kernels on vs PyTorch's operations, both
     against the same step in float64 (GradICON's finite differences, step 1e-3, magnify float32
@@ -120,6 +144,7 @@ def test_io_objective_and_gradients_unchanged_by_the_kernels(monkeypatch):
     truth_record, truth = step(torch.float64)
     monkeypatch.setattr(trilinear, "supported", lambda *args: False)
     monkeypatch.setattr(upsample_join, "supported", lambda *args: False)
+    monkeypatch.setattr(narrow_conv, "supported", lambda *args: False)
     plain_record, plain = step(torch.float32)
     assert record.inverse_consistency > 0
     assert abs(record.total - truth_record.total) <= 2 * abs(plain_record.total

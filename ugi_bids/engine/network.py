@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import trilinear
+from . import narrow_conv, trilinear
 from .upsample_join import upsample_add_join
 
 #: tallUNet2 channel plan: (down channels, up channels).
@@ -131,7 +131,9 @@ class TallUNet2(nn.Module):
                                        conv.bias * scale + shift, stride=2, padding=1)
                 x = upsample_add_join(y, _pad_or_crop_channels(x, y.shape[1]) * per_channel,
                                       skip)
-        return (self.lastConv(x) / 10).contiguous()
+        # The last layer's weight gradient is a slab GEMM on the CPU (narrow_conv notes).
+        last = narrow_conv.conv3d(x, self.lastConv.weight, self.lastConv.bias)
+        return (last / 10).contiguous()
 
 
 class FunctionFromVectorField(nn.Module):
