@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.checkpoints import random_state_dict
-from ugi_bids.engine import narrow_conv, trilinear, upsample_join
+from ugi_bids.engine import narrow_conv, separable, similarity, trilinear, upsample_join
 from ugi_bids.engine.inference import pair_objective, set_checkpointing
 from ugi_bids.engine.network import build_cascade, identity_grid
 from ugi_bids.engine.similarity import get_similarity
@@ -145,6 +145,9 @@ def test_io_objective_and_gradients_unchanged_by_the_kernels(monkeypatch):
     monkeypatch.setattr(trilinear, "supported", lambda *args: False)
     monkeypatch.setattr(upsample_join, "supported", lambda *args: False)
     monkeypatch.setattr(narrow_conv, "supported", lambda *args: False)
+    monkeypatch.setattr(separable, "supported", lambda *args: False)
+    monkeypatch.setattr(similarity, "gaussian_blur", lambda t, sigma: similarity._separable_blur(
+        t, similarity.gaussian_kernel1d(int(sigma * 4 + 1), sigma).to(t.dtype)))
     plain_record, plain = step(torch.float32)
     assert record.inverse_consistency > 0
     assert abs(record.total - truth_record.total) <= 2 * abs(plain_record.total
@@ -154,3 +157,37 @@ def test_io_objective_and_gradients_unchanged_by_the_kernels(monkeypatch):
     print(f"gradient error vs float64: kernels {our_error:.2e}, PyTorch {plain_error:.2e}")
     assert our_error <= 2 * plain_error + 1e-6, (our_error, plain_error)
     assert our_error < 1e-2
+
+
+@pytest.mark.parametrize("axis", [2, 3, 4])
+def test_separable_pass_equals_depthwise_conv(axis):
+    """One 21-tap pass along each axis of an anisotropic volume, including an axis shorter
+    than the kernel (every output sees the zero padding on both sides)."""
+    torch.manual_seed(axis)
+    volume = torch.randn(1, 5, 9, 23, 6)
+    taps = similarity.gaussian_kernel1d(21, 5.0)
+    shape = [1, 1, 1]
+    shape[axis - 2] = -1
+    weight = taps.view(1, 1, *shape).expand(5, -1, -1, -1, -1)
+    ref = F.conv3d(volume, weight, padding="same", groups=5)
+    assert separable.supported(volume, taps)
+    assert torch.allclose(separable.convolve_axis(volume, taps, axis), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
+def test_gaussian_blur_backward_is_the_blur_of_the_gradient():
+    """The LNCC window's operator is symmetric, so its compiled backward (the same blur) gives
+    autograd's gradient of the depthwise convolutions; an even window keeps autograd."""
+    torch.manual_seed(7)
+    moments = torch.randn(1, 5, 24, 19, 22, requires_grad=True)
+    upstream = torch.randn(1, 5, 24, 19, 22)
+    ours = similarity.gaussian_blur(moments, 5.0)
+    kernel = similarity.gaussian_kernel1d(21, 5.0)
+    ref = similarity._separable_blur(moments, kernel)
+    assert ours.grad_fn is not None and type(ours.grad_fn).__name__.startswith("_SymmetricBlur")
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-6)
+    (our_grad,) = torch.autograd.grad(ours, moments, upstream)
+    (ref_grad,) = torch.autograd.grad(ref, moments, upstream)
+    assert torch.allclose(our_grad, ref_grad, rtol=0, atol=1e-6)
+    even = similarity.gaussian_blur(moments, 5.25)  # 22 taps: asymmetric "same" padding
+    assert not type(even.grad_fn).__name__.startswith("_SymmetricBlur")
