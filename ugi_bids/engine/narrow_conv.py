@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .sampling import match_torch_threads
+
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
     from numba import njit, prange
@@ -55,7 +57,7 @@ def weight_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     padded = F.pad(grad, (1,) * 6).permute(0, 2, 3, 4, 1)[0].contiguous()
     total = torch.zeros(channels, 27 * outputs, dtype=torch.float32)
     columns = torch.empty(min(SLAB_PLANES, n0), n1, n2, 27, outputs, dtype=torch.float32)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    match_torch_threads()
     for first in range(0, n0, SLAB_PLANES):
         planes = min(SLAB_PLANES, n0 - first)
         slab = columns[:planes]

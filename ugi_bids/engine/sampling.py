@@ -121,8 +121,12 @@ def _use_kernel(*tensors: torch.Tensor) -> bool:
                                      for t in tensors)
 
 
-def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def match_torch_threads() -> int:
+    """Give the compiled kernels as many threads as torch uses (``--omp-nthreads``), within
+    numba's pool; returns that count."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
 
 
 def _grid_sample(table: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -154,7 +158,7 @@ def sample_at_indices(volume: np.ndarray, index: np.ndarray, zero_outside: bool 
     if numba is None:
         return None
     out = np.empty((index.shape[0], volume.shape[3]), dtype=np.float32)
-    _set_threads()
+    match_torch_threads()
     _index_kernel(np.ascontiguousarray(index, dtype=np.float64),
                   np.ascontiguousarray(volume, dtype=np.float32), out, bool(zero_outside))
     return out
@@ -173,7 +177,7 @@ def sample_on_grid(volume: np.ndarray, shape, to_index: np.ndarray,
     channels = volume.shape[3]
     linear = np.eye(channels) if linear is None else np.asarray(linear, dtype=np.float64)
     out = np.empty((*shape, linear.shape[0]), dtype=np.float32)
-    _set_threads()
+    match_torch_threads()
     _grid_kernel(np.ascontiguousarray(np.asarray(to_index, dtype=np.float64)[:3]),
                  np.ascontiguousarray(volume, dtype=np.float32),
                  np.ascontiguousarray(linear), out, bool(zero_outside))
@@ -203,7 +207,7 @@ def chain(shape, start: torch.Tensor | None, displacements: list[torch.Tensor],
     dummy = np.zeros((1, 1, 1, 3), dtype=np.float32)
     tables = [d.contiguous().numpy() for d in displacements] + [dummy] * (3 - len(displacements))
     out = torch.empty((*shape, 1 if image is not None else 3), dtype=torch.float32)
-    _set_threads()
+    match_torch_threads()
     _chain_kernel(dummy if start is None else start.contiguous().numpy(), start is not None,
                   *tables, len(displacements),
                   dummy[..., :1] if image is None else image.contiguous()[..., None].numpy(),

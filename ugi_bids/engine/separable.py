@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .sampling import match_torch_threads
+
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
     from numba import njit, prange
@@ -66,7 +68,7 @@ def convolve_axis(tensor: torch.Tensor, taps: torch.Tensor, axis: int) -> torch.
     outer = int(np.prod(source.shape[:axis], dtype=np.int64))
     inner = int(np.prod(source.shape[axis + 1:], dtype=np.int64))
     out = torch.empty_like(source)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    match_torch_threads()
     weights = taps.detach().to(torch.float32).contiguous().numpy()
     if inner == 1:
         _along_last(source.view(outer, -1).numpy(), weights, out.view(outer, -1).numpy())

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .sampling import match_torch_threads
+
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
     from numba import njit, prange
@@ -181,19 +183,13 @@ def supported(image: torch.Tensor, coords: torch.Tensor) -> bool:
             and coords.shape[0] == 1 and coords.shape[1] == 3)
 
 
-def _set_threads() -> int:
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
-
-
 class _TrilinearSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, coords, border):  # noqa: D102 - see sample()
         image_c = image[0].contiguous()
         coords_c = coords[0].reshape(3, -1).contiguous()
         out = torch.empty(image.shape[1], coords_c.shape[1], dtype=torch.float32)
-        _set_threads()
+        match_torch_threads()
         _forward_kernel(image_c.numpy(), coords_c.numpy(), out.numpy(), border)
         ctx.save_for_backward(image_c, coords_c)
         ctx.border = border
@@ -206,7 +202,7 @@ class _TrilinearSample(torch.autograd.Function):
         image_shape, coords_shape = ctx.shapes
         want_image, want_coords = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_flat = grad_out[0].reshape(image_shape[1], -1).contiguous()
-        chunks = min(_set_threads(), MAX_GRADIENT_BUFFERS) if want_image else 1
+        chunks = min(match_torch_threads(), MAX_GRADIENT_BUFFERS) if want_image else 1
         grad_parts = torch.zeros((chunks, *image_c.shape) if want_image else (1, 1, 1, 1, 1),
                                  dtype=torch.float32)
         grad_coords = torch.empty_like(coords_c) if want_coords else torch.empty(3, 1)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .sampling import match_torch_threads
+
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
     from numba import njit, prange
@@ -177,10 +179,6 @@ class _UpsampleAddJoin(torch.autograd.Function):
         return grad_y, grad_r, grad_skip
 
 
-def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 def upsample_add_join(y: torch.Tensor, r: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """``cat([(y + interpolate(r, scale_factor=2, trilinear))[..., :s0, :s1, :s2], skip], 1)``
     (module notes), differentiable in all three inputs; channels-last output."""
@@ -188,5 +186,5 @@ def upsample_add_join(y: torch.Tensor, r: torch.Tensor, skip: torch.Tensor) -> t
         up = F.interpolate(r, scale_factor=2, mode="trilinear", align_corners=False)
         x = (y + up)[:, :, :skip.shape[2], :skip.shape[3], :skip.shape[4]]
         return torch.cat([x, skip], 1)
-    _set_threads()
+    match_torch_threads()
     return _UpsampleAddJoin.apply(y, r, skip)
