@@ -30,6 +30,11 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
     return pdf / pdf.sum()
 
 
+def gaussian_window(sigma: float) -> torch.Tensor:
+    """The LNCC window along one axis: ``int(4 sigma + 1)`` Gaussian taps (sigma in voxels)."""
+    return gaussian_kernel1d(int(sigma * 4 + 1), sigma)
+
+
 def _separable_blur(tensor: torch.Tensor, kernel: torch.Tensor, axes=(0, 1, 2),
                     compiled: bool = False) -> torch.Tensor:
     """Depthwise 1-D convolutions with ``kernel`` along the spatial ``axes`` in turn, zero
@@ -69,7 +74,7 @@ class _SymmetricBlur(torch.autograd.Function):
 
 def gaussian_blur(tensor: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur over the three spatial axes, zero padding ("same" size)."""
-    kernel = gaussian_kernel1d(int(sigma * 4 + 1), sigma).to(tensor.device, tensor.dtype)
+    kernel = gaussian_window(sigma).to(tensor.device, tensor.dtype)
     if kernel.numel() % 2 == 1 and torch.equal(kernel, kernel.flip(0)):
         return _SymmetricBlur.apply(tensor, kernel)
     return _separable_blur(tensor, kernel)
