@@ -26,6 +26,7 @@ import numpy as np
 from .. import __version__
 from .errors import UgiError
 from .inference import IO_LEARNING_RATE, IO_STEPS
+from .precision import PRECISIONS
 from .preprocess import MODALITIES
 from .register import DEFAULT_NETWORK_SIZE, MASKING_MODES, PREALIGN_MODES
 from .similarity import SIMILARITIES
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--download-weights", action="store_true",
                        help="download the weights into the cache when absent")
     model.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    model.add_argument("--precision", choices=PRECISIONS, default="float32",
+                       help="network arithmetic on CUDA: float32 (default, full precision) or "
+                            "tf32 (opt-in, faster on tensor-core GPUs, slightly different "
+                            "maps); the same on a CPU")
     model.add_argument("--network-size", type=int, default=DEFAULT_NETWORK_SIZE,
                        help="network input grid N^3 (175 is the released model's; smaller is "
                             "only for quick looks and tests)")
@@ -133,7 +138,8 @@ def run_register(args: argparse.Namespace) -> dict:
     fixed_mask = load_volume(args.fixed_mask, "fixed mask") if args.fixed_mask else None
     moving_mask = load_volume(args.moving_mask, "moving mask") if args.moving_mask else None
     registrar = Registrar(args.model, args.weights, device=args.device,
-                          network_size=args.network_size, download=args.download_weights)
+                          network_size=args.network_size, download=args.download_weights,
+                          precision=args.precision)
     LOGGER.info("loaded %s weights %s (sha256 %s) on %s", registrar.weights.model,
                 registrar.weights.path, registrar.weights.sha256[:12], registrar.device)
     result = registrar.register(

@@ -22,6 +22,7 @@ from torch import nn
 
 from .fast_inference import cascade_map, cascade_transform, drop_folded_unets
 from .network import CoordinateMap, FunctionFromVectorField, identity_grid, warp
+from .precision import check_precision, network_precision
 from .similarity import SimilarityFn, get_similarity
 
 LOGGER = logging.getLogger(__name__)
@@ -66,9 +67,14 @@ def gradicon_penalty(phi_ab: CoordinateMap, phi_ba: CoordinateMap, identity: tor
 
     Sample points are ``identity + 2 randn / N`` on every second lattice point; the normal draws
     come from torch's global generator with the full lattice shape (as in the reference, so that
-    a seed reproduces its numbers).
+    a seed reproduces its numbers). On CUDA they come from the device's generator instead:
+    drawing 3 N^3 numbers on the host and copying them over would be a CPU step inside every
+    GPU iteration (``torch.manual_seed`` seeds both generators).
     """
-    noise = torch.randn(*identity.shape).to(identity.device, identity.dtype)
+    if identity.device.type == "cuda":
+        noise = torch.randn(*identity.shape, device=identity.device).to(identity.dtype)
+    else:
+        noise = torch.randn(*identity.shape).to(identity.device, identity.dtype)
     points = (identity + 2 * noise / identity.shape[-1])[:, :, ::2, ::2, ::2]
     error = points - phi_ab(phi_ba(points))
     penalty = 0.0
@@ -101,22 +107,24 @@ def pair_objective(cascade: nn.Module, image_a, image_b, similarity: SimilarityF
 
 @torch.no_grad()
 def infer_maps(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, *,
-               fast: bool = True) -> PairMaps:
+               fast: bool = True, precision: str = "float32") -> PairMaps:
     """Both directions without instance optimisation, one after the other (half the memory of
     a batch of two).
 
     ``fast`` evaluates the cascade with folded U-Nets and threaded sampling
     (:func:`ugi_bids.engine.fast_inference.cascade_map`); ``False`` calls the module tree as the
-    reference does. Both give the same maps up to float32 rounding.
+    reference does. Both give the same maps up to float32 rounding. ``precision``: see
+    :mod:`ugi_bids.engine.precision` (matters on CUDA only).
     """
     start = time.perf_counter()
-    if fast:
-        phi_ab = cascade_map(cascade, image_a, image_b)
-        phi_ba = cascade_map(cascade, image_b, image_a)
-    else:
-        identity = identity_grid(image_a.shape[2:], image_a.device, image_a.dtype)
-        phi_ab = cascade(image_a, image_b)(identity, is_identity=True)
-        phi_ba = cascade(image_b, image_a)(identity, is_identity=True)
+    with network_precision(image_a.device, precision):
+        if fast:
+            phi_ab = cascade_map(cascade, image_a, image_b)
+            phi_ba = cascade_map(cascade, image_b, image_a)
+        else:
+            identity = identity_grid(image_a.shape[2:], image_a.device, image_a.dtype)
+            phi_ab = cascade(image_a, image_b)(identity, is_identity=True)
+            phi_ba = cascade(image_b, image_a)(identity, is_identity=True)
     return PairMaps(phi_ab, phi_ba, seconds=time.perf_counter() - start)
 
 
@@ -132,7 +140,7 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
                       learning_rate: float = IO_LEARNING_RATE, lmbda: float = GRADICON_LAMBDA,
                       mask_a: torch.Tensor | None = None,
                       mask_b: torch.Tensor | None = None,
-                      checkpointing: bool = True) -> PairMaps:
+                      checkpointing: bool = True, precision: str = "float32") -> PairMaps:
     """Fine-tune all network weights on this pair (Adam), return the maps of the tuned network,
     and restore the original weights (pairs never leak into each other).
 
@@ -142,11 +150,13 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
     The weights are kept channels-last (the fast layout for 3-D convolutions and their
     gradients); ``checkpointing`` recomputes each U-Net's activations during the backward pass
     instead of storing them (same gradients, much less memory, one more forward pass).
+    ``precision``: see :mod:`ugi_bids.engine.precision` (matters on CUDA only).
     """
     if steps < 0:
         raise ValueError("IO steps must be >= 0")
+    check_precision(precision)
     if steps == 0:
-        return infer_maps(cascade, image_a, image_b)
+        return infer_maps(cascade, image_a, image_b, precision=precision)
     if learning_rate <= 0:
         raise ValueError("IO learning rate must be positive")
     sim_fn = get_similarity(similarity)
@@ -159,23 +169,25 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
     optimiser = torch.optim.Adam(cascade.parameters(), lr=learning_rate)
     losses = []
     try:
-        for step in range(steps):
-            optimiser.zero_grad()
-            total, record, _, _ = pair_objective(cascade, image_a, image_b, sim_fn, lmbda,
-                                                 mask_a, mask_b)
-            total.backward()
-            optimiser.step()
+        with network_precision(image_a.device, precision):
+            for step in range(steps):
+                optimiser.zero_grad()
+                total, record, _, _ = pair_objective(cascade, image_a, image_b, sim_fn, lmbda,
+                                                     mask_a, mask_b)
+                total.backward()
+                optimiser.step()
+                losses.append(record)
+                LOGGER.info("IO step %d/%d: loss %.6f (similarity %.6f, GradICON %.6f)",
+                            step + 1, steps, record.total, record.similarity,
+                            record.inverse_consistency)
+            # The optimiser's moments and the gradients (3x the weights) are not needed any more.
+            optimiser.zero_grad(set_to_none=True)
+            del optimiser
+            with torch.no_grad():
+                _, record, phi_ab, phi_ba = pair_objective(cascade, image_a, image_b, sim_fn,
+                                                           lmbda, mask_a, mask_b)
             losses.append(record)
-            LOGGER.info("IO step %d/%d: loss %.6f (similarity %.6f, GradICON %.6f)", step + 1,
-                        steps, record.total, record.similarity, record.inverse_consistency)
-        # The optimiser's moments and the gradients (3x the weights) are not needed any more.
-        optimiser.zero_grad(set_to_none=True)
-        del optimiser
-        with torch.no_grad():
-            _, record, phi_ab, phi_ba = pair_objective(cascade, image_a, image_b, sim_fn, lmbda,
-                                                       mask_a, mask_b)
-        losses.append(record)
-        LOGGER.info("IO done: final loss %.6f", record.total)
+            LOGGER.info("IO done: final loss %.6f", record.total)
     finally:
         set_checkpointing(cascade, False)
         cascade.load_state_dict(saved)

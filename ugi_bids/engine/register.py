@@ -43,6 +43,7 @@ from .fast_inference import fold_unets
 from .geometry import Grid, network_box, network_box_grid, to_tensor_layout
 from .inference import IO_LEARNING_RATE, IO_STEPS, PairMaps, instance_optimise
 from .network import identity_grid, warp
+from .precision import check_precision
 from .preprocess import MODALITIES, binarise_mask, preprocess
 from .similarity import SIMILARITIES
 from .sampling import sample_on_grid
@@ -262,16 +263,22 @@ class Registrar:
 
     Load it once and call :meth:`register` for every pair (cohorts): the weights are read and
     checked once, and instance optimisation restores them after each pair.
+
+    ``precision`` (:mod:`ugi_bids.engine.precision`): ``"float32"`` (default) runs the network
+    in full float32 on every device; ``"tf32"`` lets a CUDA GPU use TF32 for convolutions
+    (faster, maps differ by the amount measured in ``benchmarks/README.md``).
     """
 
     def __init__(self, model: str = "unigradicon", weights=None, *, device="auto",
-                 network_size: int = DEFAULT_NETWORK_SIZE, download: bool = False):
+                 network_size: int = DEFAULT_NETWORK_SIZE, download: bool = False,
+                 precision: str = "float32"):
         from .weights import load_network  # local import keeps `import ugi_bids.engine` light
 
         if int(network_size) < MIN_NETWORK_SIZE:
             raise ValueError(f"network grid must be at least {MIN_NETWORK_SIZE}^3 "
                              f"(got {network_size}); the released model uses 175")
         self.device = resolve_device(device)
+        self.precision = check_precision(precision)
         self.network_size = int(network_size)
         start = time.perf_counter()
         self.network, self.weights = load_network(model, weights, device=self.device,
@@ -417,7 +424,9 @@ class Registrar:
         maps = instance_optimise(self.network, _to(pair.moving, self.device),
                                  _to(pair.fixed, self.device), steps=io_iterations,
                                  similarity=io_similarity, learning_rate=io_learning_rate,
-                                 **masks)
+                                 precision=self.precision, **masks)
+        if self.device.type == "cuda":  # kernels run asynchronously: time them, not their launch
+            torch.cuda.synchronize(self.device)
         timings["network_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -427,6 +436,7 @@ class Registrar:
             "model": self.weights.model, "network_size": self.network_size,
             "io_iterations": io_iterations, "io_similarity": io_similarity,
             "io_learning_rate": io_learning_rate, "device": str(self.device),
+            "precision": self.precision,
         }
         return RegistrationResult(forward, inverse, pair.prealign, maps, timings, settings)
 
