@@ -39,7 +39,7 @@ _UPSAMPLE_WEIGHTS = ({-1: 0.25, 0: 0.75}, {0: 0.75, 1: 0.25})
 _PHASES = tuple((p, q, r) for p in range(2) for q in range(2) for r in range(2))
 
 
-def _phase_tables(dtype=torch.float64):
+def _phase_tables(dtype=torch.float64, device=None):
     """Per-axis tables that compose the final 3-tap convolution (offset delta on the full
     lattice) with the stages before it, indexed by output phase r, delta, and input offset e on
     the half lattice (e, delta in -1, 0, 1 -> index 0, 1, 2)."""
@@ -59,7 +59,7 @@ def _phase_tables(dtype=torch.float64):
                 delta = 2 * e + skip_phase - r
                 if -1 <= delta <= 1:
                     skip[r, skip_phase, ei, delta + 1] = 1.0
-    return transposed, upsample, skip
+    return transposed.to(device), upsample.to(device), skip.to(device)
 
 
 def _state_key(module: torch.nn.Module) -> tuple:
@@ -102,7 +102,7 @@ class InferenceUNet:
         """The 3x3x3 half-lattice convolution (24 outputs = 8 phases x 3, phase-major) that
         equals lastConv(cat(BN(upConv0(L) + up(R)), skip)) / 10 away from the faces.
         Inputs: L = leaky_relu(x) (48), R = x[:, :16] (16), skip phases (8 x 2)."""
-        transposed, upsample, skip = _phase_tables()
+        transposed, upsample, skip = _phase_tables(device=unet.lastConv.weight.device)
         scale, shift = batch_norm_affine(unet.batchNorms[0], torch.float64)
         up_channels = scale.shape[0]
         last = unet.lastConv.weight.double()
