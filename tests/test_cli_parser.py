@@ -121,6 +121,7 @@ def test_defaults(site):
     assert (config.model, config.weights, config.io_iterations, config.io_similarity,
             config.prealign, config.device, config.gpu_procs) == \
         ("unigradicon", None, 50, "lncc", "affine", "auto", 1)
+    assert config.precision == "float32"
     assert (config.nprocs, config.omp_nthreads, config.mem_gb, config.plugin) == \
         (None, None, None, None)
     assert not any((config.sloppy, config.skip_bids_validation, config.clean_workdir,
@@ -145,7 +146,7 @@ def test_every_flag(site, tmp_path):
         "--resource-monitor", "--boilerplate-only", "--reports-only", "--notrack", "-vv",
         "--model", "multigradicon", "--weights", str(weights), "--io-iterations", "0",
         "--io-similarity", "mind", "--prealign", "header", "--device", "cpu",
-        "--gpu-procs", "2", "--template", "study=tpl.nii.gz,mask=mask.nii.gz")
+        "--precision", "tf32", "--gpu-procs", "2", "--template", "study=tpl.nii.gz,mask=mask.nii.gz")
     assert config.participant_label == ["01", "02"] and config.session_label == ["A", "B"]
     assert config.bids_filters == {"t1w": {"acq": "mprage", "rec": None}}
     assert config.bids_database_dir == site / "db" and config.skip_bids_validation
@@ -163,6 +164,7 @@ def test_every_flag(site, tmp_path):
     assert (config.model, config.weights, config.io_iterations, config.io_similarity,
             config.prealign, config.device, config.gpu_procs) == \
         ("multigradicon", weights, 0, "mind", "header", "cpu", 2)
+    assert config.precision == "tf32"
     json.dumps(config.to_dict())  # provenance-ready
 
 
@@ -219,6 +221,7 @@ def test_bad_memory(site, capsys, text):
     (["--io-similarity", "mse"], "--io-similarity"),
     (["--prealign", "rigid"], "--prealign"),
     (["--device", "tpu"], "--device"),
+    (["--precision", "bf16"], "--precision"),
     (["--anat-suffixes", "T1map"], "--anat-suffixes"),
     (["--bogus"], "unrecognized"),
     (["--nproc", "2"], "unrecognized"),  # no abbreviations
@@ -566,3 +569,10 @@ def test_errors_are_ugi_errors():
     assert issubclass(cli.UsageError, UgiError) and cli.UsageError.exit_code == 2
     assert issubclass(cli.AnalysisLevelError, cli.UsageError)
     assert cli.AnalysisLevelError.exit_code == 17
+
+
+def test_precision_choices_are_the_engines():
+    """The parser keeps its own copy (no torch import at parse time); it must not drift."""
+    from ugi_bids.engine.precision import PRECISIONS
+
+    assert cli.PRECISIONS == PRECISIONS

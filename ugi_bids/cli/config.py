@@ -64,6 +64,7 @@ class Config:
     io_similarity: str = "lncc"
     prealign: str = "affine"
     device: str = "auto"
+    precision: str = "float32"
     gpu_procs: int = 1
     sloppy: bool = False
     # performance

@@ -56,6 +56,9 @@ MODELS = ("unigradicon", "multigradicon")
 SIMILARITIES = ("lncc", "lncc2", "mind")
 PREALIGN_MODES = ("none", "header", "affine")
 DEVICES = ("auto", "cpu", "cuda")
+#: Network precisions (the engine's ugi_bids.engine.precision.PRECISIONS; kept here so that
+#: parsing the command line does not import torch).
+PRECISIONS = ("float32", "tf32")
 #: Options that make no sense inside a ``--config-file``.
 _NOT_IN_CONFIG_FILE = ("help", "version", "config_file")
 _LABEL = re.compile(r"[A-Za-z0-9]+")
@@ -283,6 +286,9 @@ def _add_registration(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", dest="device", choices=DEVICES,
                        help="where the network runs: auto (a GPU when one is visible; "
                             "default), cpu or cuda")
+    group.add_argument("--precision", dest="precision", choices=PRECISIONS,
+                       help="network arithmetic on a GPU: float32 (default) or tf32 (opt-in: "
+                            "faster on tensor-core GPUs, maps differ slightly; see the README)")
 
 
 def _add_other(parser: argparse.ArgumentParser) -> None:
@@ -453,7 +459,7 @@ def options_to_config(options: dict[str, Any]) -> Config:
         if name in options:
             values[name] = list(dict.fromkeys(options[name]))  # drop repeats, keep the order
     for name in ("skip_bids_validation", "model", "io_iterations", "io_similarity", "prealign",
-                 "device", "gpu_procs", "sloppy", "nprocs", "omp_nthreads", "mem_gb",
+                 "device", "precision", "gpu_procs", "sloppy", "nprocs", "omp_nthreads", "mem_gb",
                  "clean_workdir", "stop_on_first_crash", "resource_monitor",
                  "boilerplate_only", "reports_only", "notrack", "verbose"):
         if name in options:

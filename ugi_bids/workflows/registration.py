@@ -16,6 +16,10 @@ from ..interfaces.registration import (ApplyTransform, LogJacobian, NormaliseInt
 MEM_GB_INFERENCE = {175: 3.0, "sloppy": 1.0}
 MEM_GB_IO = {175: 7.0, "sloppy": 2.5}
 
+#: Boilerplate sentence for the opt-in TF32 mode (the default, float32, needs none).
+TF32_TEXT = (" The network ran with TF32 tensor-core arithmetic for its convolutions (an opt-in "
+             "mode; the maps differ from full float32 by up to a few hundredths of a voxel "
+             "without instance optimisation).")
 PREALIGN_TEXT = {
     "affine": ("The images were first aligned in world (scanner) coordinates: initialised by "
                "their intensity centres of mass, then by a multi-resolution affine fit (8, 4 and "
@@ -34,7 +38,8 @@ def registration_mem_gb(network_size: int, io_iterations: int) -> float:
 
 def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
                                  model: str = "unigradicon", weights: str | None = None,
-                                 device: str = "auto", prealign: str = "affine",
+                                 device: str = "auto", precision: str = "float32",
+                                 prealign: str = "affine",
                                  network_size: int = 175, io_iterations: int = 50,
                                  io_similarity: str = "lncc", omp_nthreads: int = 1,
                                  template_has_mask: bool = False, name: str = "register_template_wf") -> Workflow:
@@ -49,7 +54,7 @@ def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
         The space label (e.g. ``MNI152NLin2009cAsym``), used in the boilerplate.
     modality : {"mri", "ct"}
         Intensity model of the anatomical image.
-    model, weights, device, prealign, network_size, io_iterations, io_similarity
+    model, weights, device, precision, prealign, network_size, io_iterations, io_similarity
         Engine settings (see ``ugi-register --help``).
     omp_nthreads : int
         Threads the registration node may use (``n_procs`` for the scheduler).
@@ -91,9 +96,9 @@ a registration foundation model built on GradICON [@gradicon], as implemented in
 Both images were rescaled to [0, 1] ({'CT: -1000 to 1000 HU' if modality == 'ct' else
 'MRI: from the minimum to the 99th percentile'}) and resampled to a {network_size}^3 network
 grid; the network produced both the forward map and its inverse-consistent partner,
-{io_text}. Transforms were written as ITK composite files (an affine and a displacement field
-in world coordinates), and the anatomical image was resampled into the template space with
-trilinear interpolation in a single step.
+{io_text}.{TF32_TEXT if precision == 'tf32' else ''} Transforms were written as ITK composite
+files (an affine and a displacement field in world coordinates), and the anatomical image was
+resampled into the template space with trilinear interpolation in a single step.
 """
     inputnode = pe.Node(niu.IdentityInterface(fields=["moving_image", "template_image",
                                                       "template_mask"]), name="inputnode")
@@ -106,7 +111,8 @@ trilinear interpolation in a single step.
     prealign_node = pe.Node(Prealign(mode=prealign, network_size=network_size),
                             name="prealign", n_procs=1, mem_gb=1.0)
     register = pe.Node(
-        UniGradICON(model=model, device=device, use_gpu=device not in ("cpu",),
+        UniGradICON(model=model, device=device, precision=precision,
+                    use_gpu=device not in ("cpu",),
                     network_size=network_size, io_iterations=io_iterations,
                     io_similarity=io_similarity, keep_storage=prealign == "none",
                     num_threads=omp_nthreads,
