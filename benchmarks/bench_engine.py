@@ -184,9 +184,13 @@ def child_ours_infer(args) -> dict:
     device = _Device(args.device)
     fixed, moving = load_volume(args.fixed), load_volume(args.moving)
     start = time.perf_counter()
-    registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid)
+    registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid,
+                          precision=args.precision)
     device.sync()
     load_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        registrar.register(fixed, moving, io_iterations=0)
+    device.sync()
     rss_before = current_rss()
     start = time.perf_counter()
     result = registrar.register(fixed, moving, io_iterations=0)
@@ -205,19 +209,25 @@ def child_ours_io(args) -> dict:
     from ugi_bids.engine.volume import load_volume
 
     device = _Device(args.device)
-    registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid)
+    registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid,
+                          precision=args.precision)
     fixed = preprocess(load_volume(args.fixed), "mri")
     moving = preprocess(load_volume(args.moving), "mri")
     affine = prealignment(fixed, moving, "affine", network_size=args.grid)
     pair = network_pair(fixed, moving, affine, size=args.grid)
     image_a, image_b = pair.moving.to(registrar.device), pair.fixed.to(registrar.device)
+    for _ in range(args.warmup):
+        inference.instance_optimise(registrar.network, image_a, image_b, steps=1,
+                                    precision=args.precision)
+    device.sync()
     calls: list = []
     inference.pair_objective = _timed_calls(calls)(inference.pair_objective, device.sync)
     torch.manual_seed(0)
     rss_before = current_rss()
     start = time.perf_counter()
     maps = inference.instance_optimise(registrar.network, image_a, image_b,
-                                       steps=args.io_steps)
+                                       steps=args.io_steps, precision=args.precision,
+                                       checkpointing=args.io_checkpointing == "on")
     device.sync()
     total = time.perf_counter() - start
     out = _step_figures(calls, total)
@@ -226,8 +236,27 @@ def child_ours_io(args) -> dict:
     return device.record(out)
 
 
+def _stub_itk() -> None:
+    """Let the reference packages import where ITK is not installed (the GPU machines here):
+    their network and fine-tuning code never touch ITK, only the image I/O and transforms do."""
+    import types
+
+    stub = types.ModuleType("itk")
+
+    def missing(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})  # annotations such as ``itk.Image`` evaluate at import
+
+    stub.__getattr__ = missing
+    sys.modules["itk"] = stub
+
+
 def _reference_network(args):
     import torch
+
+    if args.reference_network_only:
+        _stub_itk()
     import unigradicon
     from icon_registration import config
 
@@ -237,7 +266,51 @@ def _reference_network(args):
     return net.to(config.device).eval()
 
 
+def _network_only_lattice(path: str, args):
+    """The reference's network input built without ITK: our intensity window (the same
+    percentile clip as ``unigradicon.preprocess``), resized as ``register_pair`` resizes."""
+    import torch
+    import torch.nn.functional as F
+
+    from ugi_bids.engine.preprocess import preprocess
+    from ugi_bids.engine.volume import load_volume
+
+    image = torch.from_numpy(preprocess(load_volume(path), "mri").data.astype("float32"))
+    return F.interpolate(image.to(args.device)[None, None], size=(args.grid,) * 3,
+                         mode="trilinear", align_corners=False)
+
+
+def child_ref_infer_network_only(args) -> dict:
+    """Without ITK: the reference's network part of ``register_pair`` (the model's forward,
+    both directions + its loss, then both maps on the identity lattice)."""
+    import torch
+
+    device = _Device(args.device)
+    start = time.perf_counter()
+    net = _reference_network(args)
+    load_s = time.perf_counter() - start
+    image_a, image_b = (_network_only_lattice(args.moving, args),
+                        _network_only_lattice(args.fixed, args))
+
+    def network():
+        with torch.no_grad():
+            net(image_a, image_b)
+            return net.phi_AB(net.identity_map), net.phi_BA(net.identity_map)
+
+    for _ in range(args.warmup):
+        network()
+    device.sync()
+    rss_before = current_rss()
+    start = time.perf_counter()
+    network()
+    device.sync()
+    return device.record({"network_s": time.perf_counter() - start, "load_s": load_s,
+                          "rss_before_bytes": rss_before, "network_only": True})
+
+
 def child_ref_infer(args) -> dict:
+    if args.reference_network_only:
+        return child_ref_infer_network_only(args)
     import itk
     import unigradicon
     from icon_registration import itk_wrapper
@@ -247,6 +320,10 @@ def child_ref_infer(args) -> dict:
     net = _reference_network(args)
     load_s = time.perf_counter() - start
     fixed_raw, moving_raw = itk.imread(args.fixed), itk.imread(args.moving)
+    for _ in range(args.warmup):
+        itk_wrapper.register_pair(net, unigradicon.preprocess(moving_raw, "mri"),
+                                  unigradicon.preprocess(fixed_raw, "mri"), finetune_steps=None)
+    device.sync()
     calls: list = []
     net.forward = _timed_calls(calls)(net.forward, device.sync)
     rss_before = current_rss()
@@ -263,23 +340,29 @@ def child_ref_infer(args) -> dict:
 
 
 def child_ref_io(args) -> dict:
-    import itk
     import numpy as np
     import torch
     import torch.nn.functional as F
+
+    device = _Device(args.device)
+    net = _reference_network(args)  # (stubs ITK first when asked to)
     import unigradicon
     from icon_registration import itk_wrapper
 
-    device = _Device(args.device)
-    net = _reference_network(args)
-
     def lattice(path):  # what register_pair feeds the network
+        if args.reference_network_only:
+            return _network_only_lattice(path, args)
+        import itk
+
         image = np.array(unigradicon.preprocess(itk.imread(path), "mri"))
         tensor = torch.Tensor(image).to(args.device)[None, None]
         return F.interpolate(tensor, size=(args.grid,) * 3, mode="trilinear",
                              align_corners=False)
 
     image_a, image_b = lattice(args.moving), lattice(args.fixed)
+    for _ in range(args.warmup):
+        itk_wrapper.finetune_execute(net, image_a, image_b, 1, 2e-5)
+    device.sync()
     calls: list = []
     net.forward = _timed_calls(calls)(net.forward, device.sync)
     torch.manual_seed(0)
@@ -317,7 +400,8 @@ def child_cohort(args) -> dict:
         nib.save(copy.to_nifti(), paths[-1])
     del base
     start = time.perf_counter()
-    registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid)
+    registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid,
+                          precision=args.precision)
     load_s = time.perf_counter() - start
     fixed = load_volume(args.fixed)
     pairs = []
@@ -405,7 +489,7 @@ def measure(name: str, args, repeat: int) -> dict:
         command += ["--fixed", args.fixed, "--moving", args.moving, "--fixed-modality", "mri",
                     "--moving-modality", "mri", "--out-prefix", prefix, "--weights",
                     args.weights, "--io-iterations", "0", "--device", args.device,
-                    "--network-size", str(args.grid), "-q"]
+                    "--network-size", str(args.grid), "--precision", args.precision, "-q"]
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
         code, wall, peak = _spawn(command, log, env, args.timeout)
@@ -427,7 +511,9 @@ def measure(name: str, args, repeat: int) -> dict:
                str(args.grid), "--device", args.device, "--fixed", args.fixed, "--moving",
                args.moving, "--weights", args.weights, "--workdir", args.workdir,
                "--result", result, "--cohort", str(args.cohort), "--io-steps",
-               str(args.io_steps), *threads]
+               str(args.io_steps), "--precision", args.precision, "--warmup", str(args.warmup),
+               "--io-checkpointing", args.io_checkpointing,
+               *threads, *(["--reference-network-only"] if args.reference_network_only else [])]
     code, wall, peak = _spawn(command, log, env, args.timeout)
     if code != 0 or not os.path.exists(result):
         return {"ok": False, "error": _tail(log), "process_wall_s": wall}
@@ -584,9 +670,15 @@ def describe_image(path: str) -> str:
 
 
 def reference_available() -> str | None:
-    """None when the reference packages import, else why not."""
+    """None when the reference packages import, "network-only" when all but ITK are installed
+    (its network and fine-tuning can still run, see ``_stub_itk``), else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("itk") is None:
+        if all(importlib.util.find_spec(name) for name in ("unigradicon", "icon_registration")):
+            return "network-only"
+        return "ModuleNotFoundError: itk, unigradicon or icon_registration"
     try:
-        import itk  # noqa: F401
         import unigradicon  # noqa: F401
         from icon_registration import itk_wrapper  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
@@ -612,8 +704,11 @@ def print_header(header: dict, names) -> None:
     print(f"# fixed: {header['fixed']}; moving: {header['moving']}")
     print(f"# weights: {header['weights']}; reference: unigradicon {header['unigradicon']}, "
           f"icon_registration {header['icon_registration']}")
-    print(f"# median of {header['repeats']} run(s), each measurement in its own process; "
-          f"measurements: {', '.join(names)}", flush=True)
+    print(f"# median of {header['repeats']} run(s), each measurement in its own process"
+          + (f" after {header['warmup']} untimed run(s) in it" if header.get("warmup") else "")
+          + f"; our precision {header.get('precision', 'float32')}, IO checkpointing "
+          f"{header.get('io_checkpointing', 'on')}; measurements: "
+          f"{', '.join(names)}", flush=True)
 
 
 def table_from(path: str) -> int:
@@ -621,7 +716,8 @@ def table_from(path: str) -> int:
     with open(path) as handle:
         saved = json.load(handle)
     header = saved["header"]
-    args = argparse.Namespace(cohort=header.get("cohort", 3), device=header["device"])
+    args = argparse.Namespace(cohort=header.get("cohort", 3), device=header["device"],
+                              io_steps=header.get("io_steps", 2))
     print_header(header, list(saved["medians"]))
     print()
     print(build_table(saved["medians"], args, saved.get("notes", {})))
@@ -662,7 +758,13 @@ def run_parent(args) -> int:
     notes = {}
     if any(m in REFERENCE_MEASUREMENTS for m in names):
         why = reference_available()
-        if why:
+        if why == "network-only":
+            args.reference_network_only = True
+            notes["reference"] = ("ITK is not installed here: the reference's network and "
+                                  "fine-tuning run (ITK stubbed out), fed our intensity window "
+                                  "resized as register_pair resizes; its ITK image I/O and "
+                                  "transforms are not measured")
+        elif why:
             notes["reference"] = f"not measured, packages not importable ({why})"
             names = [m for m in names if m not in REFERENCE_MEASUREMENTS]
     for name in [m for m in names if m in IO_MEASUREMENTS]:
@@ -684,6 +786,8 @@ def run_parent(args) -> int:
         "icon_registration": package_version("icon_registration"),
         "ugi_bids": package_version("ugi-bids"),
         "date": time.strftime("%Y-%m-%d %H:%M"), "cohort": args.cohort,
+        "precision": args.precision, "warmup": args.warmup,
+        "io_checkpointing": args.io_checkpointing, "io_steps": args.io_steps,
     }
     print_header(header, names)
     raw = {name: [] for name in names}
@@ -728,7 +832,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--io-steps", type=int, default=2,
                         help="IO steps per IO measurement (default 2: the last one, with the "
                              "optimiser's moments allocated, is the step reported)")
+    parser.add_argument("--io-checkpointing", choices=("on", "off"), default="on",
+                        help="our IO with activation checkpointing (default on, as the engine)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--precision", default="float32", choices=("float32", "tf32"),
+                        help="our network precision (ugi_bids.engine.precision; CUDA only)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs before each timed one, in the same process "
+                             "(default: 1 on CUDA, where the first call loads kernels and "
+                             "picks convolution algorithms; 0 on the CPU)")
+    parser.add_argument("--reference-network-only", action="store_true",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="OUT", help="save header, medians and runs as JSON")
     parser.add_argument("--cohort", type=int, default=3,
                         help="moving images in the cohort line (0 = no cohort line)")
@@ -752,6 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 1 if args.device.startswith("cuda") else 0
     if args.one:
         return run_child(args)
     if args.table_from:
