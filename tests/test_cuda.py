@@ -159,3 +159,19 @@ def test_io_step_on_cuda(cpu_network, cuda_network):
     assert gpu.phi_ab.device.type == "cuda"
     for key, value in cuda_network.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_tf32_is_recorded_only_where_it_runs(random_checkpoint, caplog):
+    """On the CPU the request changes nothing, so results and provenance say float32."""
+    from ugi_bids.cli.run import effective_precision
+    from ugi_bids.engine.register import Registrar
+
+    registrar = Registrar(weights=random_checkpoint, device="cpu", network_size=65,
+                          precision="tf32")
+    assert registrar.precision == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        Registrar(weights=random_checkpoint, device="cpu", network_size=65, precision="fp16")
+    assert effective_precision("tf32", "cuda") == "tf32"
+    assert effective_precision("float32", "cpu") == "float32"
+    assert effective_precision("tf32", "cpu") == "float32"
+    assert "no effect without a GPU" in caplog.text

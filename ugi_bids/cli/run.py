@@ -151,6 +151,15 @@ def plugin_settings(config: Config) -> dict:
     return settings
 
 
+def effective_precision(precision: str, device_type: str) -> str:
+    """TF32 exists on CUDA only; elsewhere the network runs in float32 (with a warning)."""
+    if precision != "float32" and device_type != "cuda":
+        LOGGER.warning("--precision %s has no effect without a GPU: the network runs in float32",
+                       precision)
+        return "float32"
+    return precision
+
+
 def run(config: Config) -> int:
     """Build and run the workflow for ``config``; returns the exit code."""
     from nipype import config as nipype_config
@@ -161,7 +170,9 @@ def run(config: Config) -> int:
     if config.analysis_level == "group":
         LOGGER.warning("the group level has nothing to do in this version")
         return 0
-    resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
+    device = resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
+    # The provenance and the boilerplate must say what runs, not what was asked for.
+    config.precision = effective_precision(config.precision, device.type)
     subjects = select_inputs(config)
     templates = resolve_resources(config)
 

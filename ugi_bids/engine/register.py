@@ -266,7 +266,8 @@ class Registrar:
 
     ``precision`` (:mod:`ugi_bids.engine.precision`): ``"float32"`` (default) runs the network
     in full float32 on every device; ``"tf32"`` lets a CUDA GPU use TF32 for convolutions
-    (faster, maps differ by the amount measured in ``benchmarks/README.md``).
+    (faster, maps differ by the amount measured in ``benchmarks/README.md``). On other devices
+    it has no effect, and :attr:`precision` (recorded in the results' settings) says float32.
     """
 
     def __init__(self, model: str = "unigradicon", weights=None, *, device="auto",
@@ -278,7 +279,9 @@ class Registrar:
             raise ValueError(f"network grid must be at least {MIN_NETWORK_SIZE}^3 "
                              f"(got {network_size}); the released model uses 175")
         self.device = resolve_device(device)
-        self.precision = check_precision(precision)
+        # TF32 exists on CUDA only: elsewhere the network runs, and is recorded, as float32.
+        check_precision(precision)
+        self.precision = precision if self.device.type == "cuda" else "float32"
         self.network_size = int(network_size)
         start = time.perf_counter()
         self.network, self.weights = load_network(model, weights, device=self.device,
