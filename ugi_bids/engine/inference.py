@@ -12,7 +12,6 @@ in normalised coordinates:
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from .fast_inference import cascade_map, cascade_transform, drop_folded_unets
 from .network import CoordinateMap, FunctionFromVectorField, identity_grid, warp
 from .precision import check_precision, network_precision
 from .similarity import SimilarityFn, get_similarity
+from .snapshot import WeightSnapshot
 
 LOGGER = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
         raise ValueError("IO learning rate must be positive")
     sim_fn = get_similarity(similarity)
     start = time.perf_counter()
-    saved = copy.deepcopy(cascade.state_dict())
+    saved = WeightSnapshot(cascade)
     drop_folded_unets(cascade)
     cascade.eval()
     cascade.to(memory_format=torch.channels_last_3d)
@@ -190,7 +190,8 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
             LOGGER.info("IO done: final loss %.6f", record.total)
     finally:
         set_checkpointing(cascade, False)
-        cascade.load_state_dict(saved)
+        saved.restore()
+        saved.close()
         for parameter in cascade.parameters():
             parameter.grad = None
     return PairMaps(phi_ab, phi_ba, losses, time.perf_counter() - start)
