@@ -14,7 +14,7 @@ from tests.test_fast_inference import VOXEL_TOLERANCE, brain_pair, voxel_error
 from ugi_bids.engine import inference
 from ugi_bids.engine.inference import infer_maps, instance_optimise
 from ugi_bids.engine.network import build_cascade, identity_grid
-from ugi_bids.engine.precision import network_precision
+from ugi_bids.engine.precision import _new_api, network_precision
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
@@ -70,6 +70,7 @@ def test_audit_sees_forward_and_backward_ops():
     assert "convolution" in names and "backward" in names
 
 
+@pytest.mark.skipif(not _new_api(), reason="torch < 2.9: legacy allow_tf32 flags only")
 def test_precision_settings_are_scoped():
     """float32 switches cuDNN's TF32 off for the network only; tf32 allows it; both restore."""
     conv = torch.backends.cudnn.conv
@@ -116,6 +117,7 @@ def test_cuda_maps_equal_cpu_maps_at_true_grid(cpu_network, cuda_network):
 
 
 @needs_cuda
+@pytest.mark.skipif(not _new_api(), reason="torch < 2.9: legacy allow_tf32 flags only")
 def test_network_runs_in_float32_unless_tf32_is_asked(cuda_network, monkeypatch):
     seen = []
     real = inference.cascade_map

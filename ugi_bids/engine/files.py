@@ -77,8 +77,8 @@ def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
                     forward_file: str, inverse_file: str, keep_storage: bool = False,
                     model: str = "unigradicon", weights: str | None = None,
                     device: str = "auto", precision: str = "float32",
-                    network_size: int = 175, io_iterations: int = IO_STEPS, io_similarity: str = "lncc",
-                    io_learning_rate: float = IO_LEARNING_RATE,
+                    network_size: int = 175, io_iterations: int = IO_STEPS,
+                    io_similarity: str = "lncc", io_learning_rate: float = IO_LEARNING_RATE,
                     num_threads: int | None = None) -> dict:
     """Run uniGradICON (with instance optimisation) on two normalised, pre-aligned images.
 
