@@ -171,6 +171,7 @@ def test_tf32_is_recorded_only_where_it_runs(random_checkpoint, caplog):
     registrar = Registrar(weights=random_checkpoint, device="cpu", network_size=65,
                           precision="tf32")
     assert registrar.precision == "float32"
+    assert "has no effect on cpu" in caplog.text
     with pytest.raises(ValueError, match="precision"):
         Registrar(weights=random_checkpoint, device="cpu", network_size=65, precision="fp16")
     assert effective_precision("tf32", "cuda") == "tf32"

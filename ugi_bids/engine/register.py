@@ -282,6 +282,9 @@ class Registrar:
         # TF32 exists on CUDA only: elsewhere the network runs, and is recorded, as float32.
         check_precision(precision)
         self.precision = precision if self.device.type == "cuda" else "float32"
+        if self.precision != precision:
+            LOGGER.warning("precision %s has no effect on %s: the network runs in float32",
+                           precision, self.device)
         self.network_size = int(network_size)
         start = time.perf_counter()
         self.network, self.weights = load_network(model, weights, device=self.device,
