@@ -165,7 +165,7 @@ def test_io_step_on_cuda(cpu_network, cuda_network):
 
 def test_tf32_is_recorded_only_where_it_runs(random_checkpoint, caplog):
     """On the CPU the request changes nothing, so results and provenance say float32."""
-    from ugi_bids.cli.run import effective_precision
+    from ugi_bids.engine.precision import effective_precision
     from ugi_bids.engine.register import Registrar
 
     registrar = Registrar(weights=random_checkpoint, device="cpu", network_size=65,
@@ -177,4 +177,4 @@ def test_tf32_is_recorded_only_where_it_runs(random_checkpoint, caplog):
     assert effective_precision("tf32", "cuda") == "tf32"
     assert effective_precision("float32", "cpu") == "float32"
     assert effective_precision("tf32", "cpu") == "float32"
-    assert "no effect without a GPU" in caplog.text
+    assert "tf32 has no effect on cpu" in caplog.text

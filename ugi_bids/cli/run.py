@@ -151,19 +151,11 @@ def plugin_settings(config: Config) -> dict:
     return settings
 
 
-def effective_precision(precision: str, device_type: str) -> str:
-    """TF32 exists on CUDA only; elsewhere the network runs in float32 (with a warning)."""
-    if precision != "float32" and device_type != "cuda":
-        LOGGER.warning("--precision %s has no effect without a GPU: the network runs in float32",
-                       precision)
-        return "float32"
-    return precision
-
-
 def run(config: Config) -> int:
     """Build and run the workflow for ``config``; returns the exit code."""
     from nipype import config as nipype_config
 
+    from ..engine.precision import effective_precision
     from ..engine.register import resolve_device
     from ..workflows.base import init_ugi_wf
 
@@ -172,7 +164,7 @@ def run(config: Config) -> int:
         return 0
     device = resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
     # The provenance and the boilerplate must say what runs, not what was asked for.
-    config.precision = effective_precision(config.precision, device.type)
+    config.precision = effective_precision(config.precision, device)
     subjects = select_inputs(config)
     templates = resolve_resources(config)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .sampling import match_torch_threads
+from .sampling import kernels_apply, match_torch_threads
 
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
@@ -70,8 +70,7 @@ def weight_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """CPU float32, one volume, a 3x3x3 kernel."""
-    return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.dim() == 5 and x.shape[0] == 1
+    return (kernels_apply(x, weight) and x.dim() == 5 and x.shape[0] == 1
             and tuple(weight.shape[2:]) == (3, 3, 3))
 
 

@@ -10,10 +10,13 @@ and both settings compute the same thing.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+
+LOGGER = logging.getLogger(__name__)
 
 #: Network precisions a caller may ask for; the first is the default.
 PRECISIONS = ("float32", "tf32")
@@ -22,6 +25,18 @@ PRECISIONS = ("float32", "tf32")
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def effective_precision(precision: str, device: torch.device | str) -> str:
+    """What the network will run in on ``device``: TF32 exists on CUDA only, so anywhere else
+    a ``"tf32"`` request runs (and is recorded) as ``"float32"``, with a warning."""
+    check_precision(precision)
+    device = torch.device(device)
+    if precision != "float32" and device.type != "cuda":
+        LOGGER.warning("precision %s has no effect on %s: the network runs in float32",
+                       precision, device)
+        return "float32"
     return precision
 
 

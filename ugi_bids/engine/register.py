@@ -43,7 +43,7 @@ from .fast_inference import fold_unets
 from .geometry import Grid, network_box, network_box_grid, to_tensor_layout
 from .inference import IO_LEARNING_RATE, IO_STEPS, PairMaps, instance_optimise
 from .network import identity_grid, warp
-from .precision import check_precision
+from .precision import effective_precision
 from .preprocess import MODALITIES, binarise_mask, preprocess
 from .similarity import SIMILARITIES
 from .sampling import sample_on_grid
@@ -279,12 +279,7 @@ class Registrar:
             raise ValueError(f"network grid must be at least {MIN_NETWORK_SIZE}^3 "
                              f"(got {network_size}); the released model uses 175")
         self.device = resolve_device(device)
-        # TF32 exists on CUDA only: elsewhere the network runs, and is recorded, as float32.
-        check_precision(precision)
-        self.precision = precision if self.device.type == "cuda" else "float32"
-        if self.precision != precision:
-            LOGGER.warning("precision %s has no effect on %s: the network runs in float32",
-                           precision, self.device)
+        self.precision = effective_precision(precision, self.device)
         self.network_size = int(network_size)
         start = time.perf_counter()
         self.network, self.weights = load_network(model, weights, device=self.device,

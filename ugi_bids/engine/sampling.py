@@ -116,7 +116,10 @@ if numba is not None:
                         out[i, j, k, 2] = z
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
+def kernels_apply(*tensors: torch.Tensor) -> bool:
+    """Whether the engine's compiled (numba) kernels can take these tensors: numba is
+    installed and every tensor is float32 on the CPU. Elsewhere (CUDA, float64) the callers
+    use PyTorch's own operations."""
     return numba is not None and all(t.device.type == "cpu" and t.dtype == torch.float32
                                      for t in tensors)
 
@@ -197,7 +200,7 @@ def chain(shape, start: torch.Tensor | None, displacements: list[torch.Tensor],
     arrays on the CPU, successive ``grid_sample`` calls elsewhere.
     """
     tensors = [t for t in (start, image, *displacements) if t is not None]
-    if len(displacements) > 3 or not _use_kernel(*tensors):
+    if len(displacements) > 3 or not kernels_apply(*tensors):
         points = identity_points(shape, tensors[0].device, tensors[0].dtype)
         if start is not None:
             points = points + start

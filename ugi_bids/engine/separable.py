@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sampling import match_torch_threads
+from .sampling import kernels_apply, match_torch_threads
 
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
@@ -55,8 +55,7 @@ if numba is not None:
 
 def supported(tensor: torch.Tensor, taps: torch.Tensor) -> bool:
     """CPU float32, an odd number of taps (centred, so "same" padding is symmetric)."""
-    return (numba is not None and tensor.device.type == "cpu" and tensor.dtype == torch.float32
-            and taps.dim() == 1 and taps.numel() % 2 == 1)
+    return kernels_apply(tensor) and taps.dim() == 1 and taps.numel() % 2 == 1
 
 
 def convolve_axis(tensor: torch.Tensor, taps: torch.Tensor, axis: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sampling import match_torch_threads
+from .sampling import kernels_apply, match_torch_threads
 
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
@@ -177,10 +177,8 @@ if numba is not None:
 def supported(image: torch.Tensor, coords: torch.Tensor) -> bool:
     """Whether :func:`sample` handles these tensors (CPU, float32, one image and one set of
     points); otherwise use ``grid_sample``."""
-    return (numba is not None and image.device.type == "cpu" and coords.device.type == "cpu"
-            and image.dtype == torch.float32 and coords.dtype == torch.float32
-            and image.dim() == 5 and coords.dim() == 5 and image.shape[0] == 1
-            and coords.shape[0] == 1 and coords.shape[1] == 3)
+    return (kernels_apply(image, coords) and image.dim() == 5 and coords.dim() == 5
+            and image.shape[0] == 1 and coords.shape[0] == 1 and coords.shape[1] == 3)
 
 
 class _TrilinearSample(torch.autograd.Function):

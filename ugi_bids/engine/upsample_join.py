@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sampling import match_torch_threads
+from .sampling import kernels_apply, match_torch_threads
 
 try:  # numba is a runtime dependency; the fallback keeps the engine importable without it
     import numba
@@ -141,8 +141,7 @@ def _cl(t: torch.Tensor) -> np.ndarray:
 def supported(y: torch.Tensor, r: torch.Tensor, skip: torch.Tensor) -> bool:
     """Whether the compiled pass applies: CPU float32 single tensors, ``y`` twice ``r``."""
     tensors = (y, r, skip)
-    return (numba is not None and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                      and t.dim() == 5 and t.shape[0] == 1 for t in tensors)
+    return (kernels_apply(*tensors) and all(t.dim() == 5 and t.shape[0] == 1 for t in tensors)
             and y.shape[1] == r.shape[1]
             and all(y.shape[2 + a] == 2 * r.shape[2 + a] >= skip.shape[2 + a] for a in range(3)))
 
