@@ -32,6 +32,11 @@ IO_STEPS = 50
 IO_LEARNING_RATE = 2e-5
 GRADICON_LAMBDA = 1.5
 GRADICON_DELTA = 1e-3
+#: Extra memory (bytes) that one IO step at 175^3 holds when the U-Nets keep their activations
+#: instead of recomputing them (activation checkpointing off), and the step's peak with
+#: checkpointing on; both measured (benchmarks/README.md) and scaled with the voxel count.
+IO_ACTIVATIONS_BYTES_175 = 4.0e9
+IO_CHECKPOINTED_PEAK_BYTES_175 = 5.0e9
 
 
 @dataclass
@@ -51,6 +56,7 @@ class PairMaps:
     phi_ba: torch.Tensor
     losses: list = field(default_factory=list)  # PairLoss per IO step, then the final one
     seconds: float = 0.0
+    checkpointing: bool | None = None  # IO only: whether the U-Nets recomputed activations
 
 
 def _map_pair(cascade: nn.Module, image_a, image_b) -> tuple[CoordinateMap, CoordinateMap]:
@@ -135,12 +141,32 @@ def set_checkpointing(cascade: nn.Module, enabled: bool) -> None:
             module.checkpoint = enabled
 
 
+def io_checkpointing(device: torch.device, shape) -> bool:
+    """Whether instance optimisation on a ``shape`` (3 ints) network lattice should recompute the
+    U-Nets' activations (slower, less memory) on ``device``.
+
+    On a GPU it keeps them (no second forward pass) when the memory this process can still get,
+    free device memory plus its own cached blocks, holds the step's whole peak with them kept,
+    with 25 % to spare. On the CPU it always recomputes them: keeping them would lift the step's
+    peak from about 5.8 to 9.5 GB at 175^3 for a step about 15 % shorter.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    voxels = float(shape[0]) * shape[1] * shape[2] / 175.0 ** 3
+    need = (IO_CHECKPOINTED_PEAK_BYTES_175 + IO_ACTIVATIONS_BYTES_175) * voxels * 1.25
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + cached < need
+
+
 def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, *,
                       steps: int = IO_STEPS, similarity: str = "lncc",
                       learning_rate: float = IO_LEARNING_RATE, lmbda: float = GRADICON_LAMBDA,
                       mask_a: torch.Tensor | None = None,
                       mask_b: torch.Tensor | None = None,
-                      checkpointing: bool = True, precision: str = "float32") -> PairMaps:
+                      checkpointing: bool | None = None,
+                      precision: str = "float32") -> PairMaps:
     """Fine-tune all network weights on this pair (Adam), return the maps of the tuned network,
     and restore the original weights (pairs never leak into each other).
 
@@ -149,7 +175,8 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
 
     The weights are kept channels-last (the fast layout for 3-D convolutions and their
     gradients); ``checkpointing`` recomputes each U-Net's activations during the backward pass
-    instead of storing them (same gradients, much less memory, one more forward pass).
+    instead of storing them (same gradients, much less memory, one more forward pass); None
+    (the default) lets :func:`io_checkpointing` decide from the device and its free memory.
     ``precision``: see :mod:`ugi_bids.engine.precision` (matters on CUDA only).
     """
     if steps < 0:
@@ -165,16 +192,41 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
     drop_folded_unets(cascade)
     cascade.eval()
     cascade.to(memory_format=torch.channels_last_3d)
+    chosen = checkpointing is None
+    if chosen:
+        checkpointing = io_checkpointing(image_a.device, image_a.shape[2:])
+    LOGGER.info("IO: activation checkpointing %s", "on" if checkpointing else "off")
     set_checkpointing(cascade, checkpointing)
     optimiser = torch.optim.Adam(cascade.parameters(), lr=learning_rate)
     losses = []
+
+    def gradients(optimiser: torch.optim.Optimizer) -> PairLoss:
+        optimiser.zero_grad()
+        total, record, _, _ = pair_objective(cascade, image_a, image_b, sim_fn, lmbda,
+                                             mask_a, mask_b)
+        total.backward()
+        return record
+
     try:
         with network_precision(image_a.device, precision):
             for step in range(steps):
-                optimiser.zero_grad()
-                total, record, _, _ = pair_objective(cascade, image_a, image_b, sim_fn, lmbda,
-                                                     mask_a, mask_b)
-                total.backward()
+                try:
+                    record = gradients(optimiser)
+                except torch.OutOfMemoryError:
+                    if not chosen or checkpointing:
+                        raise
+                    record = None  # retried below, once the failed graph is freed
+                if record is None:
+                    # Another process (``--gpu-procs``) may have taken the memory the choice
+                    # counted on: recompute the activations from here on and redo the step.
+                    LOGGER.warning("IO ran out of GPU memory keeping the U-Nets' activations; "
+                                   "recomputing them from now on (slower, less memory)")
+                    checkpointing = True
+                    set_checkpointing(cascade, True)
+                    optimiser.zero_grad(set_to_none=True)
+                    if image_a.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    record = gradients(optimiser)
                 optimiser.step()
                 losses.append(record)
                 LOGGER.info("IO step %d/%d: loss %.6f (similarity %.6f, GradICON %.6f)",
@@ -194,4 +246,4 @@ def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.
         saved.close()
         for parameter in cascade.parameters():
             parameter.grad = None
-    return PairMaps(phi_ab, phi_ba, losses, time.perf_counter() - start)
+    return PairMaps(phi_ab, phi_ba, losses, time.perf_counter() - start, checkpointing)
