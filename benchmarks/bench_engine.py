@@ -66,6 +66,8 @@ IO_MEASUREMENTS = ("ours_io", "ref_io")
 #: free-memory guard.
 IO_PEAK_GB_175 = {"ours_io": 7.0, "ref_io": 15.0}
 IO_STEPS_PER_PAIR = 50
+#: --io-checkpointing -> instance_optimise(checkpointing=...)
+CHECKPOINTING = {"auto": None, "on": True, "off": False}
 GB = 1e9
 
 
@@ -140,6 +142,10 @@ class _Device:
     def sync(self):
         if self.cuda:
             self.torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
 
     def record(self, out: dict) -> dict:
         if self.cuda:
@@ -216,10 +222,12 @@ def child_ours_io(args) -> dict:
     affine = prealignment(fixed, moving, "affine", network_size=args.grid)
     pair = network_pair(fixed, moving, affine, size=args.grid)
     image_a, image_b = pair.moving.to(registrar.device), pair.fixed.to(registrar.device)
+    checkpointing = CHECKPOINTING[args.io_checkpointing]
     for _ in range(args.warmup):
         inference.instance_optimise(registrar.network, image_a, image_b, steps=1,
-                                    precision=args.precision)
+                                    precision=args.precision, checkpointing=checkpointing)
     device.sync()
+    device.reset_peak()  # the measured call's own peak, not the warm-up's
     calls: list = []
     inference.pair_objective = _timed_calls(calls)(inference.pair_objective, device.sync)
     torch.manual_seed(0)
@@ -227,11 +235,12 @@ def child_ours_io(args) -> dict:
     start = time.perf_counter()
     maps = inference.instance_optimise(registrar.network, image_a, image_b,
                                        steps=args.io_steps, precision=args.precision,
-                                       checkpointing=args.io_checkpointing == "on")
+                                       checkpointing=checkpointing)
     device.sync()
     total = time.perf_counter() - start
     out = _step_figures(calls, total)
     out.update({"rss_before_bytes": rss_before, "loss_before": maps.losses[0].total,
+                "checkpointing": float(maps.checkpointing),
                 "loss_after": maps.losses[-1].total})
     return device.record(out)
 
@@ -615,6 +624,12 @@ def build_table(res: dict, args, notes: dict) -> str:
         row(f"IO: peak RSS GB (whole process, {args.io_steps} steps)",
             ("ours_io", "peak_rss_bytes"),
             ("ref_io", "peak_rss_bytes"), "gb")
+        chosen = get("ours_io", "checkpointing")
+        if chosen is not None:
+            rows.append(f"| &nbsp;&nbsp;our U-Nets' activations in IO (`--io-checkpointing "
+                        f"{args.io_checkpointing}`) | "
+                        f"{'recomputed' if chosen >= 0.5 else 'kept'} | "
+                        f"{'kept' if get('ref_io', 'io_step_s') is not None else '–'} | |")
 
         def estimate(infer, io):
             wall, net = get(infer, "wall_s"), get(infer, "network_s")
@@ -717,7 +732,8 @@ def table_from(path: str) -> int:
         saved = json.load(handle)
     header = saved["header"]
     args = argparse.Namespace(cohort=header.get("cohort", 3), device=header["device"],
-                              io_steps=header.get("io_steps", 2))
+                              io_steps=header.get("io_steps", 2),
+                              io_checkpointing=header.get("io_checkpointing", "on"))
     print_header(header, list(saved["medians"]))
     print()
     print(build_table(saved["medians"], args, saved.get("notes", {})))
@@ -832,8 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--io-steps", type=int, default=2,
                         help="IO steps per IO measurement (default 2: the last one, with the "
                              "optimiser's moments allocated, is the step reported)")
-    parser.add_argument("--io-checkpointing", choices=("on", "off"), default="on",
-                        help="our IO with activation checkpointing (default on, as the engine)")
+    parser.add_argument("--io-checkpointing", choices=tuple(CHECKPOINTING), default="auto",
+                        help="our IO's activation checkpointing (default auto: the engine's "
+                             "choice, on for the CPU, off on a GPU with room for it)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--precision", default="float32", choices=("float32", "tf32"),
                         help="our network precision (ugi_bids.engine.precision; CUDA only)")
