@@ -66,8 +66,6 @@ IO_MEASUREMENTS = ("ours_io", "ref_io")
 #: free-memory guard.
 IO_PEAK_GB_175 = {"ours_io": 7.0, "ref_io": 15.0}
 IO_STEPS_PER_PAIR = 50
-#: --io-checkpointing -> instance_optimise(checkpointing=...)
-CHECKPOINTING = {"auto": None, "on": True, "off": False}
 GB = 1e9
 
 
@@ -222,7 +220,7 @@ def child_ours_io(args) -> dict:
     affine = prealignment(fixed, moving, "affine", network_size=args.grid)
     pair = network_pair(fixed, moving, affine, size=args.grid)
     image_a, image_b = pair.moving.to(registrar.device), pair.fixed.to(registrar.device)
-    checkpointing = CHECKPOINTING[args.io_checkpointing]
+    checkpointing = inference.checkpointing_setting(args.io_checkpointing)
     for _ in range(args.warmup):
         inference.instance_optimise(registrar.network, image_a, image_b, steps=1,
                                     precision=args.precision, checkpointing=checkpointing)
@@ -848,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--io-steps", type=int, default=2,
                         help="IO steps per IO measurement (default 2: the last one, with the "
                              "optimiser's moments allocated, is the step reported)")
-    parser.add_argument("--io-checkpointing", choices=tuple(CHECKPOINTING), default="auto",
+    parser.add_argument("--io-checkpointing", choices=("auto", "on", "off"), default="auto",
                         help="our IO's activation checkpointing (default auto: the engine's "
                              "choice, on for the CPU, off on a GPU with room for it)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")

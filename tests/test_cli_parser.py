@@ -121,7 +121,7 @@ def test_defaults(site):
     assert (config.model, config.weights, config.io_iterations, config.io_similarity,
             config.prealign, config.device, config.gpu_procs) == \
         ("unigradicon", None, 50, "lncc", "affine", "auto", 1)
-    assert config.precision == "float32"
+    assert config.precision == "float32" and config.io_checkpointing == "auto"
     assert (config.nprocs, config.omp_nthreads, config.mem_gb, config.plugin) == \
         (None, None, None, None)
     assert not any((config.sloppy, config.skip_bids_validation, config.clean_workdir,
@@ -146,7 +146,7 @@ def test_every_flag(site, tmp_path):
         "--resource-monitor", "--boilerplate-only", "--reports-only", "--notrack", "-vv",
         "--model", "multigradicon", "--weights", str(weights), "--io-iterations", "0",
         "--io-similarity", "mind", "--prealign", "header", "--device", "cpu",
-        "--precision", "tf32", "--gpu-procs", "2", "--template", "study=tpl.nii.gz,mask=mask.nii.gz")
+        "--precision", "tf32", "--io-checkpointing", "off", "--gpu-procs", "2", "--template", "study=tpl.nii.gz,mask=mask.nii.gz")
     assert config.participant_label == ["01", "02"] and config.session_label == ["A", "B"]
     assert config.bids_filters == {"t1w": {"acq": "mprage", "rec": None}}
     assert config.bids_database_dir == site / "db" and config.skip_bids_validation
@@ -164,7 +164,7 @@ def test_every_flag(site, tmp_path):
     assert (config.model, config.weights, config.io_iterations, config.io_similarity,
             config.prealign, config.device, config.gpu_procs) == \
         ("multigradicon", weights, 0, "mind", "header", "cpu", 2)
-    assert config.precision == "tf32"
+    assert config.precision == "tf32" and config.io_checkpointing == "off"
     json.dumps(config.to_dict())  # provenance-ready
 
 
@@ -222,6 +222,7 @@ def test_bad_memory(site, capsys, text):
     (["--prealign", "rigid"], "--prealign"),
     (["--device", "tpu"], "--device"),
     (["--precision", "bf16"], "--precision"),
+    (["--io-checkpointing", "maybe"], "--io-checkpointing"),
     (["--anat-suffixes", "T1map"], "--anat-suffixes"),
     (["--bogus"], "unrecognized"),
     (["--nproc", "2"], "unrecognized"),  # no abbreviations
@@ -573,6 +574,8 @@ def test_errors_are_ugi_errors():
 
 def test_precision_choices_are_the_engines():
     """The parser keeps its own copy (no torch import at parse time); it must not drift."""
+    from ugi_bids.engine.inference import IO_CHECKPOINTING
     from ugi_bids.engine.precision import PRECISIONS
 
     assert cli.PRECISIONS == PRECISIONS
+    assert cli.IO_CHECKPOINTING == tuple(IO_CHECKPOINTING)

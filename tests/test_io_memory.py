@@ -4,17 +4,24 @@ automatic choice (:func:`ugi_bids.engine.inference.io_checkpointing`): always on
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import pytest
 import torch
 
+from tests import realdata
 from tests.checkpoints import random_state_dict
 from tests.test_cuda import needs_cuda
 from tests.test_fast_inference import brain_pair
 from ugi_bids.engine import inference
+from ugi_bids.engine.cli_register import main as register_main
 from ugi_bids.engine.inference import (infer_maps, instance_optimise, pair_objective,
                                        set_checkpointing)
 from ugi_bids.engine.network import build_cascade
+from ugi_bids.engine.register import Registrar
 from ugi_bids.engine.similarity import get_similarity
+from ugi_bids.engine.volume import load_volume
 
 
 def _network(device: str = "cpu") -> torch.nn.Module:
@@ -111,6 +118,30 @@ def test_io_does_not_override_an_explicit_choice(monkeypatch):
     moving, fixed = brain_pair(65)
     with pytest.raises(torch.OutOfMemoryError):
         instance_optimise(network, moving, fixed, steps=1, checkpointing=False)
+
+
+def test_registrar_checks_the_setting(random_checkpoint):
+    with pytest.raises(ValueError, match="IO checkpointing"):
+        Registrar(weights=random_checkpoint, device="cpu", network_size=65,
+                  io_checkpointing="sometimes")
+
+
+def test_ugi_register_keeps_activations_when_asked(random_checkpoint, tmp_path):
+    """``ugi-register --io-checkpointing off`` reaches the run; its summary says what ran."""
+    paths = {}
+    for name, path in (("fixed", realdata.mni2009c_brain_path()),
+                       ("moving", realdata.fsl_mni_brain_path())):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(realdata.downsampled(load_volume(path), 3.0).to_nifti(), paths[name])
+    prefix = str(tmp_path / "out" / "pair")
+    code = register_main(["--fixed", paths["fixed"], "--moving", paths["moving"],
+                          "--fixed-modality", "mri", "--moving-modality", "mri",
+                          "--out-prefix", prefix, "--weights", random_checkpoint,
+                          "--network-size", "65", "--io-iterations", "1",
+                          "--io-checkpointing", "off", "--device", "cpu", "-q"])
+    assert code == 0
+    summary = json.load(open(f"{prefix}_summary.json"))
+    assert summary["settings"]["io_checkpointing"] == "off"
 
 
 @needs_cuda

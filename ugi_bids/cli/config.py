@@ -65,6 +65,7 @@ class Config:
     prealign: str = "affine"
     device: str = "auto"
     precision: str = "float32"
+    io_checkpointing: str = "auto"
     gpu_procs: int = 1
     sloppy: bool = False
     # performance

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import __version__
 from .errors import UgiError
-from .inference import IO_LEARNING_RATE, IO_STEPS
+from .inference import IO_CHECKPOINTING, IO_LEARNING_RATE, IO_STEPS
 from .precision import PRECISIONS
 from .preprocess import MODALITIES
 from .register import DEFAULT_NETWORK_SIZE, MASKING_MODES, PREALIGN_MODES
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "published tool), header (trust the headers), affine (default)")
     reg.add_argument("--io-iterations", "--io_iterations", type=_io_steps, default=IO_STEPS,
                      help=f"instance-optimisation steps (default {IO_STEPS}; 0 or None = off)")
+    reg.add_argument("--io-checkpointing", choices=tuple(IO_CHECKPOINTING), default="auto",
+                     help="recompute the U-Nets' activations during IO (on: about 5.8 GB at "
+                          "175^3), keep them (off: about 9.5 GB, steps about 15 %% shorter on a "
+                          "CPU) or let the engine choose (auto, default: on for the CPU, off on "
+                          "a GPU with room); the maps are the same")
     reg.add_argument("--io-similarity", "--io_sim", choices=tuple(SIMILARITIES), default="lncc")
     reg.add_argument("--io-lr", "--io_lr", type=float, default=IO_LEARNING_RATE,
                      help=f"IO learning rate (default {IO_LEARNING_RATE})")
@@ -139,7 +144,7 @@ def run_register(args: argparse.Namespace) -> dict:
     moving_mask = load_volume(args.moving_mask, "moving mask") if args.moving_mask else None
     registrar = Registrar(args.model, args.weights, device=args.device,
                           network_size=args.network_size, download=args.download_weights,
-                          precision=args.precision)
+                          precision=args.precision, io_checkpointing=args.io_checkpointing)
     LOGGER.info("loaded %s weights %s (sha256 %s) on %s", registrar.weights.model,
                 registrar.weights.path, registrar.weights.sha256[:12], registrar.device)
     result = registrar.register(

@@ -64,19 +64,20 @@ def prealign_images(fixed_file: str, moving_file: str, mode: str, out_file: str,
 
 @functools.lru_cache(maxsize=2)
 def cached_registrar(model: str, weights: str | None, device: str, network_size: int,
-                     precision: str = "float32"):
+                     precision: str = "float32", io_checkpointing: str = "auto"):
     """One :class:`~ugi_bids.engine.register.Registrar` per process and settings: a worker
     process that runs several registration nodes reads and checks the weights once."""
     from .register import Registrar
 
     return Registrar(model, weights, device=device, network_size=network_size,
-                     precision=precision)
+                     precision=precision, io_checkpointing=io_checkpointing)
 
 
 def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
                     forward_file: str, inverse_file: str, keep_storage: bool = False,
                     model: str = "unigradicon", weights: str | None = None,
                     device: str = "auto", precision: str = "float32",
+                    io_checkpointing: str = "auto",
                     network_size: int = 175, io_iterations: int = IO_STEPS,
                     io_similarity: str = "lncc", io_learning_rate: float = IO_LEARNING_RATE,
                     num_threads: int | None = None) -> dict:
@@ -96,7 +97,8 @@ def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
     started = time.perf_counter()
     if num_threads:
         torch.set_num_threads(int(num_threads))
-    registrar = cached_registrar(model, weights, device, int(network_size), precision)
+    registrar = cached_registrar(model, weights, device, int(network_size), precision,
+                                 io_checkpointing)
     fixed, moving = load_volume(fixed_file), load_volume(moving_file)
     prealign_affine = read_composite_h5(prealign_file).affine
     result = registrar.register_prealigned(

@@ -37,6 +37,8 @@ GRADICON_DELTA = 1e-3
 #: checkpointing on; both measured (benchmarks/README.md) and scaled with the voxel count.
 IO_ACTIVATIONS_BYTES_175 = 4.0e9
 IO_CHECKPOINTED_PEAK_BYTES_175 = 5.0e9
+#: Settings of activation checkpointing in IO, as the command lines spell them.
+IO_CHECKPOINTING = {"auto": None, "on": True, "off": False}
 
 
 @dataclass
@@ -158,6 +160,15 @@ def io_checkpointing(device: torch.device, shape) -> bool:
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free + cached < need
+
+
+def checkpointing_setting(name: str) -> bool | None:
+    """``"auto"``, ``"on"`` or ``"off"`` (:data:`IO_CHECKPOINTING`) as the ``checkpointing``
+    argument of :func:`instance_optimise`; anything else is a ValueError."""
+    if name not in IO_CHECKPOINTING:
+        raise ValueError(f"IO checkpointing must be one of {tuple(IO_CHECKPOINTING)}, "
+                         f"not {name!r}")
+    return IO_CHECKPOINTING[name]
 
 
 def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, *,

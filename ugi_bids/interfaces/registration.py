@@ -78,6 +78,9 @@ class _UniGradICONInputSpec(BaseInterfaceInputSpec):
     device = traits.Str("auto", usedefault=True, desc="auto, cpu or cuda[:N]")
     precision = traits.Enum("float32", "tf32", usedefault=True,
                             desc="network arithmetic on CUDA (tf32 is opt-in)")
+    io_checkpointing = traits.Enum("auto", "on", "off", usedefault=True,
+                                   desc="recompute (on) or keep (off) the U-Nets' activations "
+                                        "in IO; auto: the engine's choice")
     use_gpu = traits.Bool(False, usedefault=True,
                           desc="tells nipype's MultiProc to schedule this node on a GPU slot")
     network_size = traits.Int(175, usedefault=True, desc="network input grid N^3")
@@ -108,7 +111,8 @@ class UniGradICON(SimpleInterface):
             forward_file=self._results["forward_xfm"], inverse_file=self._results["inverse_xfm"],
             keep_storage=self.inputs.keep_storage, model=self.inputs.model,
             weights=_optional(self.inputs.weights), device=self.inputs.device,
-            precision=self.inputs.precision, network_size=self.inputs.network_size, io_iterations=self.inputs.io_iterations,
+            precision=self.inputs.precision, io_checkpointing=self.inputs.io_checkpointing,
+            network_size=self.inputs.network_size, io_iterations=self.inputs.io_iterations,
             io_similarity=self.inputs.io_similarity, num_threads=self.inputs.num_threads)
         return runtime
 

@@ -88,7 +88,8 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
                 reg_wf = init_register_to_template_wf(
                     template_label=template.spec.label, modality=SUFFIX_MODALITY[suffix],
                     model=config.model, weights=config.weights, device=config.device,
-                    precision=config.precision, prealign=config.prealign, network_size=config.network_size,
+                    precision=config.precision, io_checkpointing=config.io_checkpointing,
+                    prealign=config.prealign, network_size=config.network_size,
                     io_iterations=config.io_iterations, io_similarity=config.io_similarity,
                     omp_nthreads=_threads_per_registration(config),
                     template_has_mask=template.mask is not None, name=f"register_{tag}_wf")

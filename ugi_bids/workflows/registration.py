@@ -15,6 +15,8 @@ from ..interfaces.registration import (ApplyTransform, LogJacobian, NormaliseInt
 #: activation checkpointing: 6.1 GB in the benchmark; sloppy: 2.3 GB before checkpointing).
 MEM_GB_INFERENCE = {175: 3.0, "sloppy": 1.0}
 MEM_GB_IO = {175: 7.0, "sloppy": 2.5}
+#: IO with the U-Nets' activations kept (``io_checkpointing="off"``): 9.5 GB at 175^3.
+MEM_GB_IO_KEPT = {175: 10.5, "sloppy": 3.0}
 
 #: Boilerplate sentence for the opt-in TF32 mode (the default, float32, needs none).
 TF32_TEXT = (" The network ran with TF32 tensor-core arithmetic for its convolutions (an opt-in "
@@ -30,16 +32,20 @@ PREALIGN_TEXT = {
 }
 
 
-def registration_mem_gb(network_size: int, io_iterations: int) -> float:
-    """Memory to reserve for one registration node (GB)."""
+def registration_mem_gb(network_size: int, io_iterations: int,
+                        io_checkpointing: str = "auto") -> float:
+    """Memory to reserve for one registration node (GB); "auto" recomputes the activations
+    on the CPU, where this memory is spent."""
     key = 175 if network_size >= 175 else "sloppy"
-    return (MEM_GB_IO if io_iterations > 0 else MEM_GB_INFERENCE)[key]
+    if io_iterations <= 0:
+        return MEM_GB_INFERENCE[key]
+    return (MEM_GB_IO_KEPT if io_checkpointing == "off" else MEM_GB_IO)[key]
 
 
 def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
                                  model: str = "unigradicon", weights: str | None = None,
                                  device: str = "auto", precision: str = "float32",
-                                 prealign: str = "affine",
+                                 io_checkpointing: str = "auto", prealign: str = "affine",
                                  network_size: int = 175, io_iterations: int = 50,
                                  io_similarity: str = "lncc", omp_nthreads: int = 1,
                                  template_has_mask: bool = False, name: str = "register_template_wf") -> Workflow:
@@ -54,7 +60,8 @@ def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
         The space label (e.g. ``MNI152NLin2009cAsym``), used in the boilerplate.
     modality : {"mri", "ct"}
         Intensity model of the anatomical image.
-    model, weights, device, precision, prealign, network_size, io_iterations, io_similarity
+    model, weights, device, precision, io_checkpointing, prealign, network_size, io_iterations,
+    io_similarity
         Engine settings (see ``ugi-register --help``).
     omp_nthreads : int
         Threads the registration node may use (``n_procs`` for the scheduler).
@@ -112,13 +119,14 @@ resampled into the template space with trilinear interpolation in a single step.
                             name="prealign", n_procs=1, mem_gb=1.0)
     register = pe.Node(
         UniGradICON(model=model, device=device, precision=precision,
+                    io_checkpointing=io_checkpointing,
                     use_gpu=device not in ("cpu",),
                     network_size=network_size, io_iterations=io_iterations,
                     io_similarity=io_similarity, keep_storage=prealign == "none",
                     num_threads=omp_nthreads,
                     **({"weights": str(weights)} if weights else {})),
         name="unigradicon", n_procs=omp_nthreads,
-        mem_gb=registration_mem_gb(network_size, io_iterations))
+        mem_gb=registration_mem_gb(network_size, io_iterations, io_checkpointing))
     resample = pe.Node(ApplyTransform(interpolation="linear"), name="resample_anat", mem_gb=1.0)
     jacobian = pe.Node(LogJacobian(), name="log_jacobian", mem_gb=1.0)
     provenance = pe.Node(niu.Function(function=_add_folding, output_names=["provenance"]),
