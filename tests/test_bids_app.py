@@ -99,6 +99,7 @@ def test_transform_sidecars_carry_provenance(first_run, setup):
     for key in PROVENANCE_KEYS:
         assert key in sidecar, key
     assert sidecar["IOIterations"] == 0 and sidecar["Sloppy"] is True
+    assert "IOCheckpointing" not in sidecar  # no IO ran
     assert sidecar["PrealignMode"] == "affine" and sidecar["Device"] == "cpu"
     weights_sha = hashlib.sha256(Path(setup["weights"]).read_bytes()).hexdigest()
     assert sidecar["WeightsSHA256"] == weights_sha
@@ -154,12 +155,13 @@ def test_one_io_step(setup):
     out = setup["root"] / "derivatives-io" / "ugi-bids"
     args = [setup["bids"], out, "participant", "-w", setup["root"] / "work-io",
             "--participant-label", "sub-02", "--output-spaces", SPACE, "--sloppy",
-            "--io-iterations", "1", "--weights", setup["weights"], "--device", "cpu",
-            "--nprocs", "1"]
+            "--io-iterations", "1", "--io-checkpointing", "off", "--weights", setup["weights"],
+            "--device", "cpu", "--nprocs", "1"]
     result = ugi_bids(args, setup["env"], setup["root"])
     assert result.returncode == 0, result.stderr[-3000:]
     sidecar = json.loads((out / f"sub-02/anat/sub-02_from-T1w_to-{SPACE}_mode-image_xfm.json").read_text())
     assert sidecar["IOIterations"] == 1 and np.isfinite(sidecar["IOFinalLoss"])
+    assert sidecar["IOCheckpointing"] == "off"
     assert not (out / "sub-01").exists()
 
 

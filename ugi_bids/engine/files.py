@@ -109,7 +109,7 @@ def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
     with staged_outputs(common) as staged:
         write_composite_h5(result.forward, staged.stage(forward_file))
         write_composite_h5(result.inverse, staged.stage(inverse_file))
-    return {
+    provenance = {
         "Model": registrar.weights.model,
         "WeightsSHA256": registrar.weights.sha256,
         "WeightsURL": registrar.weights.url,
@@ -122,6 +122,9 @@ def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
         "IOFinalLoss": (result.maps.losses[-1].total if result.maps.losses else None),
         "RegistrationSeconds": round(time.perf_counter() - started, 3),
     }
+    if result.settings.get("io_checkpointing"):  # what ran: IO's memory path ("on"/"off")
+        provenance["IOCheckpointing"] = result.settings["io_checkpointing"]
+    return provenance
 
 
 def resample_image(moving_file: str, transform_file: str, reference_file: str, out_file: str,
