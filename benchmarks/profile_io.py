@@ -23,7 +23,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +43,10 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_engine import default_pair
+    from benchmarks.bench_engine import default_pair, lattice_pair
     from tests.checkpoints import write_random_checkpoint
     from ugi_bids.engine import inference
-    from ugi_bids.engine.preprocess import preprocess
-    from ugi_bids.engine.register import Registrar, network_pair, prealignment
-    from ugi_bids.engine.volume import load_volume
+    from ugi_bids.engine.register import Registrar
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -64,11 +61,8 @@ def main(argv=None) -> int:
         weights = write_random_checkpoint(os.path.join(workdir, "Step_2_final.trch"), seed=2)
         registrar = Registrar(weights=weights, device=args.device, network_size=args.grid,
                               precision=args.precision)
-    fixed = preprocess(load_volume(fixed_path), "mri")
-    moving = preprocess(load_volume(moving_path), "mri")
-    affine = prealignment(fixed, moving, "affine", network_size=args.grid)
-    pair = network_pair(fixed, moving, affine, size=args.grid)
-    image_a, image_b = pair.moving.to(registrar.device), pair.fixed.to(registrar.device)
+    image_a, image_b = (image.to(registrar.device) for image in
+                        lattice_pair(fixed_path, moving_path, args.grid))
     checkpointing = args.checkpointing == "on"
 
     def one_step():

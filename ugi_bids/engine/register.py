@@ -287,8 +287,8 @@ class Registrar:
                              f"(got {network_size}); the released model uses 175")
         self.device = resolve_device(device)
         self.precision = effective_precision(precision, self.device)
-        checkpointing_setting(io_checkpointing)
         self.io_checkpointing = io_checkpointing
+        self._checkpointing = checkpointing_setting(io_checkpointing)  # instance_optimise's form
         self.network_size = int(network_size)
         start = time.perf_counter()
         self.network, self.weights = load_network(model, weights, device=self.device,
@@ -435,7 +435,7 @@ class Registrar:
                                  _to(pair.fixed, self.device), steps=io_iterations,
                                  similarity=io_similarity, learning_rate=io_learning_rate,
                                  precision=self.precision,
-                                 checkpointing=checkpointing_setting(self.io_checkpointing),
+                                 checkpointing=self._checkpointing,
                                  **masks)
         if self.device.type == "cuda":  # kernels run asynchronously: time them, not their launch
             torch.cuda.synchronize(self.device)
