@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The convolution floor of one instance-optimisation step: the U-Nets' convolution passes
-alone, timed one by one with PyTorch's CPU (oneDNN) kernels.
+"""The convolution floor of one instance-optimisation step, timed layer by layer.
+
+The U-Nets' convolution passes alone, timed one by one with PyTorch's CPU (oneDNN) kernels.
 
 Not a test: prints, for every convolution of a tallUNet2 at each cascade level, the seconds of
 its forward pass, its input gradient and its weight gradient, with GFLOP/s, and sums them the
