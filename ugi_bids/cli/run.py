@@ -129,9 +129,16 @@ def write_dataset_files(config: Config, workflow) -> None:
     write_citation_files(config.output_dir, collect_boilerplate(workflow))
 
 
-def plugin_settings(config: Config) -> dict:
+def plugin_settings(config: Config, *, use_gpu: bool = False) -> dict:
     """Nipype plugin and arguments from ``--use-plugin``, ``--nprocs``, ``--mem``,
-    ``--gpu-procs`` (MultiProc by default; Linear when a single process is asked for)."""
+    ``--gpu-procs`` (MultiProc by default; Linear when a single process is asked for).
+
+    ``use_gpu``: the registrations run on this machine's GPU. MultiProc charges a GPU node
+    ``min(n_procs, n_gpu_procs)`` GPU slots, and a registration's ``n_procs`` is its CPU
+    thread count: so that ``--gpu-procs N`` registrations share the GPU, it gets N times that
+    many slots."""
+    from ..workflows.base import threads_per_registration
+
     if config.plugin:
         settings = {"plugin": config.plugin["plugin"],
                     "plugin_args": dict(config.plugin.get("plugin_args") or {})}
@@ -145,7 +152,8 @@ def plugin_settings(config: Config) -> dict:
             args.setdefault("n_procs", config.nprocs)
         if config.mem_gb:
             args.setdefault("memory_gb", config.mem_gb)
-        args.setdefault("n_gpu_procs", config.gpu_procs)
+        if use_gpu:
+            args.setdefault("n_gpu_procs", config.gpu_procs * threads_per_registration(config))
         args.setdefault("raise_insufficient", False)
         args.setdefault("maxtasksperchild", 1000)  # keep workers (and their loaded model) alive
     return settings
@@ -175,7 +183,8 @@ def run(config: Config) -> int:
                       "crashdump_dir": str(config.output_dir / "log" / config.run_uuid)},
         "monitoring": {"enabled": config.resource_monitor},
     })
-    workflow = init_ugi_wf(config, subjects, templates)
+    use_gpu = device.type == "cuda"
+    workflow = init_ugi_wf(config, subjects, templates, use_gpu=use_gpu)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_files(config, workflow)
     if config.boilerplate_only:
@@ -184,7 +193,7 @@ def run(config: Config) -> int:
     if config.omp_nthreads:
         os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
     try:
-        workflow.run(**plugin_settings(config))
+        workflow.run(**plugin_settings(config, use_gpu=use_gpu))
     except RuntimeError:  # nipype: a node failed ("Workflow did not execute cleanly", ...)
         crash_files = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*"))
         folders = sorted({str(path.parent) for path in crash_files}) or ["the log folders"]

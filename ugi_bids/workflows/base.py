@@ -13,13 +13,17 @@ from .outputs import init_registration_derivatives_wf
 from .registration import init_register_to_template_wf
 
 
-def init_ugi_wf(config: Config, subjects: dict, templates: dict) -> Workflow:
+def init_ugi_wf(config: Config, subjects: dict, templates: dict, *,
+                use_gpu: bool = False) -> Workflow:
     """The whole run: one :func:`init_single_subject_wf` per participant.
 
     Parameters
     ----------
     config : Config
         Run settings.
+    use_gpu : bool
+        Whether ``config.device`` resolves to a GPU on this machine (MultiProc's GPU slots; see
+        :func:`ugi_bids.workflows.registration.init_register_to_template_wf`).
     subjects : dict
         ``{participant: {session or None: {suffix: reference image path}}}``.
     templates : dict
@@ -34,7 +38,7 @@ def init_ugi_wf(config: Config, subjects: dict, templates: dict) -> Workflow:
     workflow.__postdesc__ = boilerplate_postamble()
     for participant, sessions in subjects.items():
         single = init_single_subject_wf(subject_id=participant, sessions=sessions,
-                                        templates=templates, config=config)
+                                        templates=templates, config=config, use_gpu=use_gpu)
         # crash files go to sub-X/log/<run_uuid>/, as in fMRIPrep
         single.config["execution"]["crashdump_dir"] = str(
             config.output_dir / f"sub-{participant}" / "log" / config.run_uuid)
@@ -49,7 +53,8 @@ def _safe(label: str) -> str:
 
 
 def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
-                           config: Config, name: str | None = None) -> Workflow:
+                           config: Config, use_gpu: bool = False,
+                           name: str | None = None) -> Workflow:
     """Register every session's anatomical references of one participant to every space.
 
     Parameters
@@ -62,6 +67,8 @@ def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
     templates : dict
         ``{suffix: [ResolvedTemplate]}`` (see :func:`init_ugi_wf`).
     config : Config
+    use_gpu : bool
+        See :func:`init_ugi_wf`.
 
     Inputs
     ------
@@ -91,7 +98,7 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
                     precision=config.precision, io_checkpointing=config.io_checkpointing,
                     prealign=config.prealign, network_size=config.network_size,
                     io_iterations=config.io_iterations, io_similarity=config.io_similarity,
-                    omp_nthreads=_threads_per_registration(config),
+                    omp_nthreads=threads_per_registration(config), use_gpu=use_gpu,
                     template_has_mask=template.mask is not None, name=f"register_{tag}_wf")
                 reg_wf.inputs.inputnode.moving_image = str(image)
                 reg_wf.inputs.inputnode.template_image = str(template.image)
@@ -113,7 +120,7 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
     return workflow
 
 
-def _threads_per_registration(config: Config) -> int:
+def threads_per_registration(config: Config) -> int:
     """``--omp-nthreads``, else all the cores the run may use (``--nprocs``, else the machine's)."""
     return config.omp_nthreads or config.nprocs or os.cpu_count() or 1
 

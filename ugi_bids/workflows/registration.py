@@ -48,7 +48,8 @@ def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
                                  io_checkpointing: str = "auto", prealign: str = "affine",
                                  network_size: int = 175, io_iterations: int = 50,
                                  io_similarity: str = "lncc", omp_nthreads: int = 1,
-                                 template_has_mask: bool = False, name: str = "register_template_wf") -> Workflow:
+                                 use_gpu: bool = False, template_has_mask: bool = False,
+                                 name: str = "register_template_wf") -> Workflow:
     """Register an anatomical image to a template with uniGradICON, both directions.
 
     Workflow graph: normalise both images -> pre-align (world space) -> uniGradICON (+ instance
@@ -65,6 +66,10 @@ def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
         Engine settings (see ``ugi-register --help``).
     omp_nthreads : int
         Threads the registration node may use (``n_procs`` for the scheduler).
+    use_gpu : bool
+        Whether the registration will run on a GPU of the machine that schedules it: it then
+        takes one of MultiProc's GPU slots. ``device="auto"`` on a machine without a GPU runs
+        on the CPU and must not: the GPU slots would serialise the registrations there.
     template_has_mask : bool
         Whether ``template_mask`` will be given (it then restricts the affine fit).
 
@@ -120,7 +125,7 @@ resampled into the template space with trilinear interpolation in a single step.
     register = pe.Node(
         UniGradICON(model=model, device=device, precision=precision,
                     io_checkpointing=io_checkpointing,
-                    use_gpu=device not in ("cpu",),
+                    use_gpu=use_gpu,
                     network_size=network_size, io_iterations=io_iterations,
                     io_similarity=io_similarity, keep_storage=prealign == "none",
                     num_threads=omp_nthreads,
