@@ -80,6 +80,19 @@ def test_plugin_gives_gpu_slots_for_gpu_procs_registrations_of_any_thread_count(
     assert own["plugin_args"]["n_gpu_procs"] == 3  # --use-plugin's own value wins
 
 
+def test_gpu_registrations_share_the_cores_unless_omp_nthreads_says():
+    """Without ``--omp-nthreads`` a CPU registration takes every core; on a GPU the cores are
+    shared among the ``--gpu-procs`` registrations, so that they can run at once."""
+    from ugi_bids.workflows.base import threads_per_registration
+
+    assert threads_per_registration(config(nprocs=8, gpu_procs=2)) == 8
+    assert threads_per_registration(config(nprocs=8, gpu_procs=2), use_gpu=True) == 4
+    assert threads_per_registration(config(nprocs=3, gpu_procs=4), use_gpu=True) == 1
+    assert threads_per_registration(config(nprocs=8, omp_nthreads=3, gpu_procs=2), True) == 3
+    settings = plugin_settings(config(nprocs=8, gpu_procs=2), use_gpu=True)
+    assert settings["plugin_args"]["n_gpu_procs"] == 8  # two registrations of four threads
+
+
 @pytest.mark.parametrize("use_gpu", [False, True])
 def test_registration_node_takes_a_gpu_slot_only_on_a_gpu(use_gpu):
     wf = init_register_to_template_wf(template_label="MNI152NLin2009cAsym", device="auto",

@@ -236,7 +236,9 @@ def _add_performance(parser: argparse.ArgumentParser) -> None:
                             "the CPUs available)")
     group.add_argument("--omp-nthreads", dest="omp_nthreads", type=_integer(1),
                        metavar="OMP_NTHREADS",
-                       help="maximum number of threads per process (default: automatic)")
+                       help="maximum number of threads per process (default: every core of "
+                            "--nprocs, or on a GPU their share among the --gpu-procs "
+                            "registrations)")
     group.add_argument("--mem", "--mem-mb", "--mem_mb", dest="mem_gb", type=memory_gb,
                        metavar="MEMORY",
                        help="upper bound memory limit for ugi-bids processes, e.g. 16G, "

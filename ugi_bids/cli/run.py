@@ -153,7 +153,8 @@ def plugin_settings(config: Config, *, use_gpu: bool = False) -> dict:
         if config.mem_gb:
             args.setdefault("memory_gb", config.mem_gb)
         if use_gpu:
-            args.setdefault("n_gpu_procs", config.gpu_procs * threads_per_registration(config))
+            args.setdefault("n_gpu_procs",
+                            config.gpu_procs * threads_per_registration(config, use_gpu))
         args.setdefault("raise_insufficient", False)
         args.setdefault("maxtasksperchild", 1000)  # keep workers (and their loaded model) alive
     return settings

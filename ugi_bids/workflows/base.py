@@ -21,14 +21,14 @@ def init_ugi_wf(config: Config, subjects: dict, templates: dict, *,
     ----------
     config : Config
         Run settings.
-    use_gpu : bool
-        Whether ``config.device`` resolves to a GPU on this machine (MultiProc's GPU slots; see
-        :func:`ugi_bids.workflows.registration.init_register_to_template_wf`).
     subjects : dict
         ``{participant: {session or None: {suffix: reference image path}}}``.
     templates : dict
         ``{suffix: [ResolvedTemplate]}``: every output space resolved to the template image
         matching each anatomical suffix (T1w template for T1w images, T2w for T2w, ...).
+    use_gpu : bool
+        Whether ``config.device`` resolves to a GPU on this machine (MultiProc's GPU slots; see
+        :func:`ugi_bids.workflows.registration.init_register_to_template_wf`).
     """
     from ..utils.provenance import boilerplate_postamble, boilerplate_preamble
 
@@ -98,7 +98,7 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
                     precision=config.precision, io_checkpointing=config.io_checkpointing,
                     prealign=config.prealign, network_size=config.network_size,
                     io_iterations=config.io_iterations, io_similarity=config.io_similarity,
-                    omp_nthreads=threads_per_registration(config), use_gpu=use_gpu,
+                    omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
                     template_has_mask=template.mask is not None, name=f"register_{tag}_wf")
                 reg_wf.inputs.inputnode.moving_image = str(image)
                 reg_wf.inputs.inputnode.template_image = str(template.image)
@@ -120,9 +120,14 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
     return workflow
 
 
-def threads_per_registration(config: Config) -> int:
-    """``--omp-nthreads``, else all the cores the run may use (``--nprocs``, else the machine's)."""
-    return config.omp_nthreads or config.nprocs or os.cpu_count() or 1
+def threads_per_registration(config: Config, use_gpu: bool = False) -> int:
+    """``--omp-nthreads``, else the cores the run may use (``--nprocs``, else the machine's):
+    all of them, or on a GPU their share among the ``--gpu-procs`` registrations that run at
+    once (a registration's threads then serve its pre-alignment and sampling)."""
+    if config.omp_nthreads:
+        return config.omp_nthreads
+    cores = config.nprocs or os.cpu_count() or 1
+    return max(1, cores // config.gpu_procs) if use_gpu else cores
 
 
 def _nipype_version() -> str:
