@@ -48,15 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def level_sizes(grid: int) -> dict[str, int]:
-    """The lattice edge of each cascade level's U-Net input: 44, 88, 175 for the released
-    175^3 grid (average pooling with ceil_mode halves and rounds up)."""
-    half = -(-grid // 2)
-    return {"coarse": -(-half // 2), "middle": half, "full": grid}
+def halved(edge: int) -> int:
+    """A lattice edge after average pooling by 2 with ceil_mode (and after a stride-2
+    convolution with padding 1): 175 -> 88 -> 44."""
+    return -(-edge // 2)
 
 
-#: U-Nets per direction at each level of the cascade.
-NETS_PER_DIRECTION = {"coarse": 1, "middle": 1, "full": 2}
+def unet_input_edges(grid: int) -> list[int]:
+    """The input lattice edge of each U-Net of the cascade, in the order of
+    ``network.UNET_PREFIXES`` (coarse to fine): [44, 88, 175, 175] for the 175^3 grid."""
+    middle = halved(grid)
+    return [halved(middle), middle, grid, grid]
 
 
 def unet_layers(size: int) -> list[dict]:
@@ -67,7 +69,7 @@ def unet_layers(size: int) -> list[dict]:
     depth = len(UP_CHANNELS)
     edges = [size]
     for _ in range(depth):
-        edges.append(-(-edges[-1] // 2))
+        edges.append(halved(edges[-1]))
     up_in = [DOWN_CHANNELS[d + 1] + (UP_CHANNELS[d + 1] if d + 1 < depth else 0)
              for d in range(depth)]
     layers = []
@@ -155,24 +157,26 @@ def main(argv=None) -> int:
     print("|---|---|---:|---:|---:|---:|---|")
     totals = {"forward": 0.0, "input_grad": 0.0, "weight_grad": 0.0}
     flops = 0.0
-    for level, size in level_sizes(args.grid).items():
-        nets = 2 * NETS_PER_DIRECTION[level]  # both directions
-        layers = unet_layers(size)
-        for index, layer in enumerate(layers):
+    edges = unet_input_edges(args.grid)
+    coarsest = edges[0]
+    for size in sorted(set(edges)):  # each distinct U-Net once, counted as often as it runs
+        nets = 2 * edges.count(size)  # both directions
+        level = {coarsest: "coarse", args.grid: "full"}.get(size, "middle")
+        for index, layer in enumerate(unet_layers(size)):
             seconds = time_layer(layer, args.repeats)
             gflop = 2 * layer["macs"] / 1e9
             rates = " / ".join(f"{gflop / seconds[k]:.0f}" for k in seconds)
             print(f"| {level} {size}^3 | {layer['name']} | {layer['macs'] / 1e9:.2f} | "
                   f"{seconds['forward']:.3f} | {seconds['input_grad']:.3f} | "
                   f"{seconds['weight_grad']:.3f} | {rates} |", flush=True)
-            images_only = level == "coarse" and index == 0
+            images_only = size == coarsest and index == 0
             totals["forward"] += nets * seconds["forward"]
             totals["input_grad"] += 0.0 if images_only else nets * seconds["input_grad"]
             totals["weight_grad"] += nets * seconds["weight_grad"]
             flops += nets * gflop * (2 if images_only else 3)
     kept = sum(totals.values())
     recomputed = kept + totals["forward"]
-    print(f"\nOne IO step's convolutions (both directions, {2 * sum(NETS_PER_DIRECTION.values())}"
+    print(f"\nOne IO step's convolutions (both directions, {2 * len(edges)}"
           f" U-Nets, {flops / 1e3:.2f} TFLOP without recomputation):")
     print(f"  forward {totals['forward']:.1f} s, input gradients {totals['input_grad']:.1f} s, "
           f"weight gradients {totals['weight_grad']:.1f} s")

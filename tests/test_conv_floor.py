@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import conv_floor
-from ugi_bids.engine.network import TallUNet2
+from ugi_bids.engine.network import UNET_PREFIXES, TallUNet2, build_cascade
 
 
 def test_layer_list_matches_the_unet_as_it_runs():
@@ -29,10 +29,22 @@ def test_layer_list_matches_the_unet_as_it_runs():
     assert last["out_edge"] == out.shape[2] == size
 
 
+def test_unet_input_edges_are_the_cascades_own():
+    """Forward pre-hooks on the four U-Nets of the real cascade, in ``UNET_PREFIXES`` order."""
+    cascade = build_cascade()
+    unets = [cascade.get_submodule(prefix.rstrip(".")) for prefix in UNET_PREFIXES]
+    seen = []
+    for unet in unets:
+        unet.register_forward_pre_hook(lambda module, inputs: seen.append(
+            (unets.index(module), inputs[0].shape[2])))
+    grid = 81
+    with torch.no_grad():
+        cascade(torch.rand(1, 1, grid, grid, grid), torch.rand(1, 1, grid, grid, grid))
+    assert [edge for _, edge in sorted(seen)] == conv_floor.unet_input_edges(grid)
+
+
 def test_arithmetic_is_the_issues_330_gflop_per_direction():
-    sizes = conv_floor.level_sizes(175)
-    assert sizes == {"coarse": 44, "middle": 88, "full": 175}
-    macs = sum(conv_floor.NETS_PER_DIRECTION[level] * sum(la["macs"] for la in
-                                                          conv_floor.unet_layers(size))
-               for level, size in sizes.items())
+    assert conv_floor.unet_input_edges(175) == [44, 88, 175, 175]
+    macs = sum(sum(la["macs"] for la in conv_floor.unet_layers(edge))
+               for edge in conv_floor.unet_input_edges(175))
     assert abs(2 * macs / 1e9 - 330) < 10
