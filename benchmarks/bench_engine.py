@@ -94,8 +94,8 @@ def lattice_pair(fixed_path: str, moving_path: str, grid: int, prealign: str = "
     space (``prealign``) and resampled onto the fixed image's ``grid``^3 network lattice.
     Returns (image_a, image_b) = (moving, fixed), (1, 1, grid, grid, grid) CPU tensors."""
     from ugi_bids.engine.preprocess import preprocess
-    from ugi_bids.engine.register import network_pair, prealignment
-    from ugi_bids.engine.volume import load_volume
+    from ugi_bids.engine.registrar import network_pair, prealignment
+    from ugi_bids.engine.spatial.volume import load_volume
 
     fixed = preprocess(load_volume(fixed_path), "mri")
     moving = preprocess(load_volume(moving_path), "mri")
@@ -197,8 +197,8 @@ def _step_figures(calls: list, total: float) -> dict:
 
 
 def child_ours_infer(args) -> dict:
-    from ugi_bids.engine.register import Registrar
-    from ugi_bids.engine.volume import load_volume
+    from ugi_bids.engine.registrar import Registrar
+    from ugi_bids.engine.spatial.volume import load_volume
 
     device = _Device(args.device)
     fixed, moving = load_volume(args.fixed), load_volume(args.moving)
@@ -222,8 +222,8 @@ def child_ours_infer(args) -> dict:
 def child_ours_io(args) -> dict:
     import torch
 
-    from ugi_bids.engine import inference
-    from ugi_bids.engine.register import Registrar
+    from ugi_bids.engine.optimise import instance as inference
+    from ugi_bids.engine.registrar import Registrar
 
     device = _Device(args.device)
     registrar = Registrar(weights=args.weights, device=args.device, network_size=args.grid,
@@ -290,7 +290,7 @@ def _network_only_lattice(path: str, args):
     import torch.nn.functional as F
 
     from ugi_bids.engine.preprocess import preprocess
-    from ugi_bids.engine.volume import load_volume
+    from ugi_bids.engine.spatial.volume import load_volume
 
     image = torch.from_numpy(preprocess(load_volume(path), "mri").data.astype("float32"))
     return F.interpolate(image.to(args.device)[None, None], size=(args.grid,) * 3,
@@ -397,10 +397,10 @@ def child_cohort(args) -> dict:
     import nibabel as nib
     import numpy as np
 
-    from ugi_bids.engine.geometry import Grid
-    from ugi_bids.engine.itk_io import write_composite_h5
-    from ugi_bids.engine.register import Registrar
-    from ugi_bids.engine.volume import Volume, load_volume
+    from ugi_bids.engine.spatial.geometry import Grid
+    from ugi_bids.engine.formats.itk import write_composite_h5
+    from ugi_bids.engine.registrar import Registrar
+    from ugi_bids.engine.spatial.volume import Volume, load_volume
 
     device = _Device(args.device)
     folder = tempfile.mkdtemp(prefix="cohort-", dir=args.workdir)
@@ -502,7 +502,7 @@ def measure(name: str, args, repeat: int) -> dict:
         prefix = os.path.join(args.workdir, f"cli-{repeat}", "pair")
         script = os.path.join(os.path.dirname(sys.executable), "ugi-register")
         command = ([script] if os.path.exists(script)
-                   else [sys.executable, "-m", "ugi_bids.engine.cli_register"])
+                   else [sys.executable, "-m", "ugi_bids.cli.register"])
         command += ["--fixed", args.fixed, "--moving", args.moving, "--fixed-modality", "mri",
                     "--moving-modality", "mri", "--out-prefix", prefix, "--weights",
                     args.weights, "--io-iterations", "0", "--device", args.device,
@@ -861,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "choice, on for the CPU, off on a GPU with room for it)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--precision", default="float32", choices=("float32", "tf32"),
-                        help="our network precision (ugi_bids.engine.precision; CUDA only)")
+                        help="our network precision (ugi_bids.engine.model.precision; CUDA only)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed runs before each timed one, in the same process "
                              "(default: 1 on CUDA, where the first call loads kernels and "

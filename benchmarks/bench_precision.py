@@ -35,8 +35,8 @@ if REPO not in sys.path:
 
 from benchmarks.bench_engine import default_pair, lattice_pair  # noqa: E402
 from tests.checkpoints import random_state_dict  # noqa: E402
-from ugi_bids.engine.inference import infer_maps, instance_optimise  # noqa: E402
-from ugi_bids.engine.network import build_cascade, identity_grid  # noqa: E402
+from ugi_bids.engine.optimise.instance import infer_maps, instance_optimise  # noqa: E402
+from ugi_bids.engine.model.network import build_cascade, identity_grid  # noqa: E402
 
 
 def voxel_errors(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ comes on top, so these sums are a lower bound of the step on this machine with t
 
 The layers run exactly as the engine runs them in an IO step: channels-last float32, the
 transposed convolutions with BatchNorm folded into them (same shapes), the last 18 -> 3 layer
-through :mod:`ugi_bids.engine.narrow_conv` (oneDNN forward and input gradient, slab-GEMM weight
+through :mod:`ugi_bids.engine.kernels.narrow_conv` (oneDNN forward and input gradient, slab-GEMM weight
 gradient). The coarsest U-Net's first layer needs no input gradient (its inputs are images).
 
 Run from the repository root::
@@ -64,7 +64,7 @@ def unet_input_edges(grid: int) -> list[int]:
 def unet_layers(size: int) -> list[dict]:
     """Every convolution of one tallUNet2 whose input lattice is ``size``^3: name, kind
     ("down", "up", "last"), channels in and out, input and output edge, multiply-adds."""
-    from ugi_bids.engine.network import DOWN_CHANNELS, UP_CHANNELS
+    from ugi_bids.engine.model.network import DOWN_CHANNELS, UP_CHANNELS
 
     depth = len(UP_CHANNELS)
     edges = [size]
@@ -94,7 +94,7 @@ def time_layer(layer: dict, repeats: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from ugi_bids.engine import narrow_conv
+    from ugi_bids.engine.kernels import narrow_conv
 
     cl = torch.channels_last_3d
     generator = torch.Generator().manual_seed(0)

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
 
     from benchmarks.bench_engine import default_pair, lattice_pair
     from tests.checkpoints import write_random_checkpoint
-    from ugi_bids.engine import inference
-    from ugi_bids.engine.register import Registrar
+    from ugi_bids.engine.optimise import instance as inference
+    from ugi_bids.engine.registrar import Registrar
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputDataError
-from .volume import Volume
+from ..errors import InputDataError
+from .options import MODALITIES
+from .spatial.volume import Volume
 
-MODALITIES = ("mri", "ct")
 CT_WINDOW_HU = (-1000.0, 1000.0)
 
 

@@ -1,4 +1,4 @@
-"""Nipype interfaces over the engine's file-level steps (:mod:`ugi_bids.engine.files`).
+"""Nipype interfaces over the engine's file-level steps (:mod:`ugi_bids.interfaces.files`).
 
 Each interface declares its traits and calls exactly one engine function; the logic lives in
 the engine. Directions: the *forward* transform maps fixed (template) points to moving (subject)
@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import os
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    isdefined, traits)
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
 
-from ..engine import files as engine_files
+from . import files
 
 
 def _optional(value):
@@ -35,7 +41,7 @@ class NormaliseIntensities(SimpleInterface):
     output_spec = _NormaliseOutputSpec
 
     def _run_interface(self, runtime):
-        self._results["out_file"] = engine_files.normalise_image(
+        self._results["out_file"] = files.normalise_image(
             self.inputs.in_file, self.inputs.modality,
             os.path.join(runtime.cwd, "normalised.nii.gz"))
         return runtime
@@ -60,7 +66,7 @@ class Prealign(SimpleInterface):
     output_spec = _PrealignOutputSpec
 
     def _run_interface(self, runtime):
-        self._results["out_file"] = engine_files.prealign_images(
+        self._results["out_file"] = files.prealign_images(
             self.inputs.fixed_image, self.inputs.moving_image, self.inputs.mode,
             os.path.join(runtime.cwd, "prealign_xfm.h5"), network_size=self.inputs.network_size,
             fixed_mask_file=_optional(self.inputs.fixed_mask))
@@ -106,7 +112,7 @@ class UniGradICON(SimpleInterface):
     def _run_interface(self, runtime):
         self._results["forward_xfm"] = os.path.join(runtime.cwd, "forward_xfm.h5")
         self._results["inverse_xfm"] = os.path.join(runtime.cwd, "inverse_xfm.h5")
-        self._results["provenance"] = engine_files.register_images(
+        self._results["provenance"] = files.register_images(
             self.inputs.fixed_image, self.inputs.moving_image, self.inputs.prealign_xfm,
             forward_file=self._results["forward_xfm"], inverse_file=self._results["inverse_xfm"],
             keep_storage=self.inputs.keep_storage, model=self.inputs.model,
@@ -135,9 +141,9 @@ class ApplyTransform(SimpleInterface):
     output_spec = _ApplyOutputSpec
 
     def _run_interface(self, runtime):
-        self._results["out_file"] = engine_files.resample_image(
+        self._results["out_file"] = files.resample_image(
             self.inputs.in_file, self.inputs.transform, self.inputs.reference,
-            os.path.join(runtime.cwd, f"{engine_files.stem(self.inputs.in_file)}_resampled.nii.gz"),
+            os.path.join(runtime.cwd, f"{files.stem(self.inputs.in_file)}_resampled.nii.gz"),
             self.inputs.interpolation)
         return runtime
 
@@ -160,7 +166,7 @@ class LogJacobian(SimpleInterface):
 
     def _run_interface(self, runtime):
         out_file = os.path.join(runtime.cwd, "logjacobian.nii.gz")
-        self._results["folded_fraction"] = engine_files.log_jacobian_image(
+        self._results["folded_fraction"] = files.log_jacobian_image(
             self.inputs.transform, self.inputs.reference, out_file)
         self._results["out_file"] = out_file
         return runtime

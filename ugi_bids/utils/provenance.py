@@ -9,7 +9,7 @@ name. ugi-bids writes ``"Name": "ugi-bids"``, so ``derivatives/ugi-bids`` or
 ``derivatives/ugi-bids-sloppy`` are fine; any other output folder name gets a warning in the log
 (the file is still written and valid).
 
-Every file here is written atomically (temporary file in the same folder + ``os.replace``).
+Every file here is written atomically (:mod:`ugi_bids.engine.formats.staging`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import re
 import shutil
 import subprocess
 import textwrap
-import uuid
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
 from typing import Any
+
+from ..engine.formats.staging import atomic_file, write_text_atomic
+from ..errors import OutputError
 
 LOGGER = logging.getLogger("ugi_bids.provenance")
 
@@ -45,29 +47,6 @@ BIDSIGNORE_ENTRIES = ("*.html", "logs/", "figures/", "*_xfm.*", "log/", "*_jacob
 _CITEKEY = re.compile(
     r"(?<![\w@.])@([A-Za-z0-9_](?:[A-Za-z0-9_]|[:.#$%&\-+?<>~/](?=[A-Za-z0-9_]))*)")
 _BIBKEY = re.compile(r"^\s*@\w+\s*\{\s*([^,\s]+)\s*,", re.MULTILINE)
-
-
-# -- atomic writes -------------------------------------------------------------------------
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` so that readers see either the old or the new file, whole.
-
-    The temporary file lives next to the target (same file system) and is created with the
-    process umask, like a plain ``open(path, "w")``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _dump_json(data: Mapping[str, Any]) -> str:
@@ -242,7 +221,7 @@ def write_dataset_description(
     description = build_dataset_description(
         bids_dir=bids_dir, version=version, container=container,
         templateflow_home=templateflow_home, code_url=code_url)
-    return atomic_write_text(path, _dump_json(description))
+    return write_text_atomic(path, _dump_json(description))
 
 
 # -- .bidsignore ---------------------------------------------------------------------------
@@ -256,7 +235,7 @@ def write_bidsignore(output_dir: str | os.PathLike, extra: Iterable[str] = ()) -
         if entry not in present:
             lines.append(entry)
             present.add(entry)
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # -- crash files ---------------------------------------------------------------------------
@@ -362,17 +341,14 @@ def collect_boilerplate(workflow: Any) -> str:
 
 def _run_pandoc(pandoc: str, args: list[str], target: Path) -> Path | None:
     """Run pandoc into a temporary file and move it onto ``target``; None on failure."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp{target.suffix}")
     try:
-        subprocess.run([pandoc, *args, "-o", str(tmp)], cwd=target.parent, check=True,
-                       capture_output=True, timeout=120)
-        os.replace(tmp, target)
+        with atomic_file(target, "citation file") as temporary:
+            subprocess.run([pandoc, *args, "-o", temporary], cwd=target.parent, check=True,
+                           capture_output=True, timeout=120)
         return target
-    except (OSError, subprocess.SubprocessError) as error:
+    except OutputError as error:
         LOGGER.warning("pandoc could not write %s (%s); skipping it.", target.name, error)
         return None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_citation_files(
@@ -390,8 +366,8 @@ def write_citation_files(
         LOGGER.warning("Boilerplate cites keys missing from the bibliography: %s",
                        ", ".join(sorted(missing)))
     written = {
-        "md": atomic_write_text(logs / "CITATION.md", markdown),
-        "bib": atomic_write_text(logs / "CITATION.bib",
+        "md": write_text_atomic(logs / "CITATION.md", markdown),
+        "bib": write_text_atomic(logs / "CITATION.bib",
                                  load_boilerplate_bib() if bib_text is None else bib_text),
     }
     pandoc = shutil.which("pandoc")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 from copy import deepcopy
+
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
-from ..cli.config import SUFFIX_MODALITY, Config
+from ..config import SUFFIX_MODALITY, Config
 from .outputs import init_registration_derivatives_wf
 from .registration import init_register_to_template_wf
 

@@ -6,8 +6,13 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from ..interfaces.registration import (ApplyTransform, LogJacobian, NormaliseIntensities,
-                                       Prealign, UniGradICON)
+from ..interfaces.registration import (
+    ApplyTransform,
+    LogJacobian,
+    NormaliseIntensities,
+    Prealign,
+    UniGradICON,
+)
 
 #: Peak memory (GB) of one registration, measured on CPU as the peak RSS of a whole process,
 #: rounded up: inference of both directions (175^3: 2.3 GB in benchmarks/bench_engine.py; sloppy

@@ -1,0 +1,50 @@
+"""The engine's choices and defaults, in one place and without importing torch.
+
+The command-line parsers (``ugi-bids``, ``ugi-register``), the Nipype interfaces' traits and the
+engine itself read these names, so that a choice added here reaches every front end, and so
+that ``--help`` does not load the registration stack.
+"""
+
+from __future__ import annotations
+
+#: Released models (their weights: :data:`ugi_bids.engine.model.weights.MODELS`).
+MODELS = ("unigradicon", "multigradicon")
+DEFAULT_MODEL = "unigradicon"
+
+#: Intensity models: MRI windows [min, 99th percentile], CT [-1000, 1000] HU.
+MODALITIES = ("mri", "ct")
+
+#: Pre-alignment: ``none`` (the published tool's voxel-grid correspondence), ``header`` (trust
+#: the headers' world coordinates) or ``affine`` (fit an affine in world space).
+PREALIGN_MODES = ("none", "header", "affine")
+DEFAULT_PREALIGN = "affine"
+
+#: Masks: multiplied into the normalised ``input``, or restricting the IO ``loss``.
+MASKING_MODES = ("input", "loss")
+
+#: Instance-optimisation similarities (:mod:`ugi_bids.engine.optimise.similarity`).
+SIMILARITIES = ("lncc", "lncc2", "mind")
+DEFAULT_SIMILARITY = "lncc"
+
+#: Instance-optimisation defaults of the published tool: 50 Adam steps, learning rate 2e-5.
+IO_STEPS = 50
+IO_LEARNING_RATE = 2e-5
+
+#: Activation checkpointing in IO, as the command lines spell it: recompute (``on``), keep
+#: (``off``) or let the engine choose (``auto``, ``None``).
+IO_CHECKPOINTING = {"auto": None, "on": True, "off": False}
+
+#: Compute devices; ``auto`` takes a CUDA GPU where one is visible.
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Network arithmetic: full ``float32`` (default) or cuDNN's ``tf32`` on a GPU.
+PRECISIONS = ("float32", "tf32")
+
+#: Network input grid: 175^3 is the released model; smaller grids only for quick looks/tests.
+DEFAULT_NETWORK_SIZE = 175
+MIN_NETWORK_SIZE = 65
+#: ``--sloppy`` network grid of ``ugi-bids``.
+SLOPPY_NETWORK_SIZE = 65
+
+#: Resampling: trilinear, nearest neighbour, or ANTs' ``GenericLabel``.
+INTERPOLATIONS = ("linear", "nearest", "label")
