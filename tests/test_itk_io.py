@@ -10,22 +10,37 @@ This module also holds the scenario builders that ``test_warp.py`` reuses.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.realdata import (dk_atlas_path, downsampled, mni2009c_brain_path,
-                            oblique_anisotropic_grid, reheader, resample_to, rotation_matrix,
-                            store_as)
-from ugi_bids.engine.errors import InputDataError, MissingInputError, OutputError
-from ugi_bids.engine.geometry import RAS_TO_LPS, Grid
-from ugi_bids.engine.itk_io import (grid_to_itk_geometry, read_composite_h5,
-                                    write_composite_h5, write_displacement_nifti)
-from ugi_bids.engine.transforms import DisplacementField, WorldTransform
-from ugi_bids.engine.volume import Volume, load_volume
-from ugi_bids.engine.warp import apply_transform
+from tests.itk_oracle import write_composite_h5_itk
+from tests.realdata import (
+    dk_atlas_path,
+    downsampled,
+    mni2009c_brain_path,
+    oblique_anisotropic_grid,
+    reheader,
+    resample_to,
+    rotation_matrix,
+    store_as,
+)
+from ugi_bids.engine.formats.itk import (
+    grid_to_itk_geometry,
+    read_composite_h5,
+    write_composite_h5,
+    write_displacement_nifti,
+)
+from ugi_bids.engine.spatial.geometry import RAS_TO_LPS, Grid
+from ugi_bids.engine.spatial.transforms import DisplacementField, WorldTransform
+from ugi_bids.engine.spatial.volume import Volume, load_volume
+from ugi_bids.engine.spatial.warp import apply_transform
+from ugi_bids.errors import InputDataError, MissingInputError, OutputError
 
 FLIP = np.array([-1.0, -1.0, 1.0])
 
@@ -251,14 +266,18 @@ def test_itk_composite_applies_back_of_queue_first(itk):
                                atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["h5py", "itk"])
+WRITERS = {"ours": write_composite_h5, "itk": write_composite_h5_itk}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case_name", CASE_NAMES)
-def test_points_match_itk(cases, itk, tmp_path, case_name, direction, backend):
-    """ITK's reader (double precision, converting our float file) maps points as we do."""
+def test_points_match_itk(cases, itk, tmp_path, case_name, direction, writer):
+    """ITK's reader (double precision, converting our float file) maps points as we do; the file
+    written by ITK's own writer (the oracle) too."""
     transform = cases[case_name].direction(direction)[3]
     path = tmp_path / "xfm.h5"
-    write_composite_h5(transform, path, backend=backend)
+    WRITERS[writer](transform, path)
     composite = itk.transformread(str(path))[0]
     assert composite.GetNameOfClass() == "CompositeTransform"
     assert composite.GetNumberOfTransforms() == 2
@@ -319,23 +338,138 @@ def test_float_file_layout(tmp_path):
             for label in ("Parameters", "FixedParameters"):
                 assert np.array_equal(group[key][f"Transform{label}"][()],
                                       group[key][f"Tranform{label}"][()])
-    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]
+    assert sorted(os.listdir(tmp_path)) == ["plain.h5", "xfm.h5"]
 
 
 @pytest.mark.parametrize("precision", ["float", "double"])
-@pytest.mark.parametrize("backend", ["h5py", "itk"])
-def test_round_trip(tmp_path, itk, precision, backend):
+@pytest.mark.parametrize("writer", WRITERS)
+def test_round_trip(tmp_path, itk, precision, writer):
     transform = _small_transform()
     path = tmp_path / "xfm.h5"
-    write_composite_h5(transform, path, precision=precision, backend=backend)
+    WRITERS[writer](transform, path, precision=precision)
     points = random_points(transform, 500, seed=3)
     expected = transform.map_points(points)
     for read_backend in ("auto", "itk"):
         back = read_composite_h5(path, backend=read_backend)
         assert np.array_equal(back.field.vectors, transform.field.vectors)
         assert np.allclose(back.field.grid.affine, transform.field.grid.affine, atol=1e-9)
-        tolerance = 1e-4 if (backend == "itk" and precision == "float") else 1e-9
+        tolerance = 1e-4 if (writer == "itk" and precision == "float") else 1e-9
         assert np.abs(back.map_points(points) - expected).max() < tolerance
+
+
+def _same_arrays(a: WorldTransform, b: WorldTransform) -> None:
+    """``a`` and ``b`` hold exactly the same numbers (affine, field grid, field vectors)."""
+    assert a.affine.dtype == b.affine.dtype == np.float64
+    assert np.array_equal(a.affine, b.affine)
+    assert (a.field is None) == (b.field is None)
+    if a.field is not None:
+        assert a.field.grid.shape == b.field.grid.shape
+        assert np.array_equal(a.field.grid.affine, b.field.grid.affine)
+        assert a.field.vectors.dtype == b.field.vectors.dtype == np.float32
+        assert np.array_equal(a.field.vectors, b.field.vectors)
+
+
+@pytest.mark.parametrize("kind", ["ours float", "ours double", "ours gzip", "ours affine",
+                                  "itk float", "itk double", "itk gzip"])
+def test_reader_gives_itks_numbers_exactly(tmp_path, itk, kind):
+    """nitransforms' decoding (the default for these files) gives exactly the arrays that ITK's
+    own reader gives: the resampling and Jacobians of the files we write depend on them."""
+    who, option = kind.split()
+    transform = _small_transform(field=option != "affine")
+    options = {"double": {"precision": "double"}, "gzip": {"compression": True}}.get(option, {})
+    path = WRITERS[who](transform, tmp_path / "xfm.h5", **options)
+    _same_arrays(read_composite_h5(path), read_composite_h5(path, backend="itk"))
+
+
+def _itk_affine(itk, ctype, matrix_ras: np.ndarray, centre=None):
+    """An ITK AffineTransform of a RAS matrix; ``centre`` (LPS) keeps the map, changes the
+    parameters (as ANTs writes its affines)."""
+    lps = RAS_TO_LPS @ matrix_ras @ RAS_TO_LPS
+    affine = itk.AffineTransform[ctype, 3].New()
+    params = affine.GetParameters()
+    for i, value in enumerate(list(lps[:3, :3].ravel()) + list(lps[:3, 3])):
+        params[i] = float(value)
+    affine.SetParameters(params)
+    if centre is not None:
+        affine.SetCenter([float(c) for c in centre])  # keeps the translation parameters,
+        affine.SetOffset([float(v) for v in lps[:3, 3]])  # so put the map back
+    return affine
+
+
+def _itk_field(itk, ctype, transform: WorldTransform, tmp_path):
+    """The DisplacementFieldTransform of ``transform``, as ITK reads it from our file."""
+    precision = "float" if ctype == itk.F else "double"
+    path = write_composite_h5(WorldTransform(np.eye(4), transform.field),
+                              tmp_path / f"field_{precision}.h5", precision=precision)
+    reader = itk.TransformFileReaderTemplate[ctype].New()
+    reader.SetFileName(path)
+    reader.Update()
+    return itk.down_cast(itk.down_cast(reader.GetTransformList()[0]).GetNthTransform(1))
+
+
+@pytest.mark.parametrize("precision", ["float", "double"])
+def test_reads_centred_affine_composites(tmp_path, itk, precision):
+    """ANTs' layout: [affine with a non-zero centre, field], written by ITK. The field is ITK's
+    exactly; the affine maps points as ITK's does."""
+    ctype = itk.F if precision == "float" else itk.D
+    transform = _small_transform()
+    composite = itk.CompositeTransform[ctype, 3].New()
+    composite.AddTransform(_itk_affine(itk, ctype, transform.affine,
+                                       centre=(1.234567891234, -20.987654321, 33.3333333333)))
+    composite.AddTransform(_itk_field(itk, ctype, transform, tmp_path))
+    path = str(tmp_path / "ants.h5")
+    writer = itk.TransformFileWriterTemplate[ctype].New()
+    writer.SetFileName(path)
+    writer.SetInput(composite)
+    writer.Update()
+    ours, theirs = read_composite_h5(path), read_composite_h5(path, backend="itk")
+    assert np.array_equal(ours.field.vectors, theirs.field.vectors)
+    assert np.array_equal(ours.field.grid.affine, theirs.field.grid.affine)
+    assert np.abs(ours.affine - theirs.affine).max() < 1e-12
+    points = random_points(transform, 200, seed=6)
+    expected = itk_map_points(itk.transformread(path)[0], points)
+    assert np.abs(ours.map_points(points) - expected).max() < 1e-3  # float field: ITK's float
+    assert np.abs(ours.map_points(points) - transform.map_points(points)).max() < \
+        (1e-4 if precision == "float" else 1e-9)
+
+
+def test_reads_matrix_offset_entries_and_plain_lists(tmp_path, itk):
+    """Files nitransforms does not parse: a MatrixOffsetTransformBase entry (ITK's Python reader
+    cannot load it either) and a plain transform list without a CompositeTransform."""
+    h5py = pytest.importorskip("h5py")
+    transform = _small_transform()
+    centred = _itk_affine(itk, itk.D, transform.affine, centre=(10.5, -20.25, 30.125))
+    field = _itk_field(itk, itk.D, transform, tmp_path)
+    composite = itk.CompositeTransform[itk.D, 3].New()
+    composite.AddTransform(centred)
+    composite.AddTransform(field)
+    affine_file, relabelled, plain = (str(tmp_path / name) for name in
+                                      ("affine.h5", "matrix_offset.h5", "list.h5"))
+    itk.transformwrite([composite], affine_file)
+    shutil.copy(affine_file, relabelled)
+    with h5py.File(relabelled, "r+") as handle:
+        group = handle["TransformGroup"]["1"]
+        del group["TransformType"]
+        group.create_dataset("TransformType", data=np.array(
+            [b"MatrixOffsetTransformBase_double_3_3"], dtype=object),
+            dtype=h5py.string_dtype("ascii"))
+    itk.transformwrite([centred, field], plain)
+    reference = read_composite_h5(affine_file)
+    _same_arrays(read_composite_h5(relabelled), reference)
+    _same_arrays(read_composite_h5(plain), reference)
+    points = random_points(transform, 200, seed=7)
+    assert np.abs(reference.map_points(points) - transform.map_points(points)).max() < 1e-9
+
+
+def test_module_imports_nothing_heavy():
+    """The file-format module loads neither torch nor ITK nor the workflow stack (layering), and
+    nitransforms only when a file is read or written."""
+    code = ("import sys, ugi_bids.engine.formats.itk; "
+            "print(sorted(m for m in ('torch', 'itk', 'nipype', 'niworkflows', 'bids', "
+            "'templateflow', 'nitransforms') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_affine_only_round_trip(tmp_path, itk):
@@ -433,6 +567,8 @@ def test_displacement_nifti_layout(tmp_path):
     assert image.shape == tuple(grid.shape) + (1, 3)
     assert image.get_data_dtype() == np.float32
     assert image.header.get_intent()[0] == "vector"
+    assert image.header.get_xyzt_units() == ("mm", "sec")
+    assert (int(image.header["sform_code"]), int(image.header["qform_code"])) == (1, 1)
     assert np.allclose(image.affine, grid.affine, atol=1e-4)
     points = grid.world_coordinates()
     expected = (transform.map_points(points) - points) * FLIP  # LPS components
