@@ -3,7 +3,8 @@ built from real images, and the offline failures (missing file, empty placeholde
 truncated download) as one-line errors with the pre-fetch hint.
 
 No test reaches the network: every test points TEMPLATEFLOW_HOME at a temporary folder and
-TemplateFlow's download root at localhost (a closed port, or a local HTTP server).
+TemplateFlow's download root at localhost (a closed port, or a local HTTP server). Lookups and
+downloads go through TemplateFlow's own client (templateflow >= 25.1).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import numpy as np
 
 from tests import bidsdata
 from tests.realdata import brain_mask, fsl_mni_brain_path
-from ugi_bids.cli.config import SpaceSpec
-from ugi_bids.engine.volume import Volume, load_volume
+from ugi_bids import errors
+from ugi_bids.config import SpaceSpec
+from ugi_bids.engine.spatial.volume import Volume, load_volume
 from ugi_bids.utils import templates as ut
 
 TPL = "MNI152NLin2009cAsym"
@@ -60,6 +62,22 @@ def shared_home(tmp_path_factory):
     """A populated home (real 2009c files + NLin6Asym placeholders), built once, never modified."""
     return bidsdata.make_templateflow_home(tmp_path_factory.mktemp("tf") / "home",
                                            placeholders=(NLIN6,))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def templateflow_imported(tmp_path_factory):
+    """Importing templateflow (niworkflows does, for its non-standard spaces) initialises the
+    home named at that moment and indexes it: do it once, in a small home of its own, so that
+    no test's home is initialised behind its back, whatever the order the tests run in. The
+    private skeleton is indexed here too (seconds, once a process), so that the time bounds of
+    the tests measure look-ups and downloads, not that."""
+    home = bidsdata.add_placeholder_template(tmp_path_factory.mktemp("tf-import"), NLIN6).parent
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TEMPLATEFLOW_HOME", str(home))
+        patch.setenv("TEMPLATEFLOW_AUTOUPDATE", "0")
+        importlib.import_module("niworkflows.utils.spaces")
+        assert TPL in ut.templateflow_names()
+    return home
 
 
 @pytest.fixture
@@ -102,10 +120,12 @@ def test_parse_output_spaces():
     ("fsaverage:den-10k", "den-10k"),
     ("MNI152NLin2009cAsym:", "modifier"),
     ("T1w", "not a template"),
+    ("petref", "not a template"),  # niworkflows' NONSTANDARD_REFERENCES
+    ("scanner", "not a template"),  # one of ours on top
     ("MNI_152", "letters and digits"),
 ])
 def test_parse_output_spaces_errors(value, words):
-    with pytest.raises(ut.TemplateSpecError) as info:
+    with pytest.raises(errors.TemplateSpecError) as info:
         ut.parse_output_spaces([value])
     assert info.value.exit_code == 2
     assert words in _one_line(info.value)
@@ -134,7 +154,7 @@ def test_parse_custom_template(tmp_path, monkeypatch):
 def test_parse_custom_template_errors(tmp_path, monkeypatch, value, code, words):
     (tmp_path / "tpl.nii.gz").write_bytes(b"x")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ut.UgiError) as info:
+    with pytest.raises(errors.UgiError) as info:
         ut.parse_custom_template(value)
     assert info.value.exit_code == code
     assert words in _one_line(info.value)
@@ -170,7 +190,7 @@ def test_resolve_resolution_index(home):
     assert resolved.image.name == f"tpl-{TPL}_res-02_T1w.nii.gz"
     assert resolved.mask.name == f"tpl-{TPL}_res-02_desc-brain_mask.nii.gz"
     assert nib.load(resolved.image).header.get_zooms() == (2.0, 2.0, 2.0)
-    with pytest.raises(ut.TemplateSpecError) as info:
+    with pytest.raises(errors.TemplateSpecError) as info:
         ut.resolve_template(SpaceSpec(TPL, resolution="3"))
     assert "res-1 (1 mm), res-2 (2 mm)" in _one_line(info.value)
 
@@ -184,21 +204,54 @@ def test_suffix_without_template_image_falls_back_to_t1w(home, caplog):
 
 def test_suffix_the_template_has_but_the_home_lacks(home):
     # TemplateFlow's MNI152NLin2009cAsym has a T2w image; this home was built without it
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(SpaceSpec(TPL), suffix="T2w", download=False)
     text = _one_line(info.value)
     assert info.value.exit_code == 66
     assert f"tpl-{TPL}_res-01_T2w.nii.gz" in text and "templateflow.update(" in text
 
 
+def test_template_only_in_the_home(shared_home, tmp_path, monkeypatch):
+    """A template the installed skeleton does not list (a newer archive, a study template put
+    into the home) is found in the home."""
+    folder = tmp_path / "home" / "tpl-Study"
+    folder.mkdir(parents=True)
+    source = shared_home / f"tpl-{TPL}" / f"tpl-{TPL}_res-02"
+    shutil.copyfile(f"{source}_T1w.nii.gz", folder / "tpl-Study_res-02_T1w.nii.gz")
+    shutil.copyfile(f"{source}_desc-brain_mask.nii.gz",
+                    folder / "tpl-Study_res-02_desc-brain_mask.nii.gz")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "home"))
+    resolved = ut.resolve_template(SpaceSpec("Study"), download=False)
+    assert resolved.image == folder / "tpl-Study_res-02_T1w.nii.gz"
+    assert resolved.mask == folder / "tpl-Study_res-02_desc-brain_mask.nii.gz"
+    assert (resolved.resolution, resolved.uri) == (
+        2, "bids:templateflow:tpl-Study/tpl-Study_res-02_T1w.nii.gz")
+
+
+def test_global_templateflow_client_is_reused(templateflow_imported, monkeypatch):
+    """On the home templateflow.api was imported with, its client (indexed already when
+    niworkflows was imported) serves the look-ups."""
+    import templateflow.api
+    import templateflow.conf
+
+    if Path(templateflow.conf.TF_HOME) != templateflow_imported:
+        pytest.skip("templateflow was imported before this module, on another home")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(templateflow_imported))
+    with pytest.raises(errors.TemplateError) as info:
+        ut.resolve_template(SpaceSpec(NLIN6), download=False)
+    assert "empty placeholder" in _assert_offline_error(
+        info.value, templateflow_imported, f"tpl-{NLIN6}/tpl-{NLIN6}_res-01_T1w.nii.gz")
+    assert ut._HOME_CLIENTS[templateflow_imported] is templateflow.api
+
+
 def test_unknown_names_cohorts(home):
-    with pytest.raises(ut.TemplateSpecError) as info:
+    with pytest.raises(errors.TemplateSpecError) as info:
         ut.resolve_template(SpaceSpec("MNI152NLin2009cAsymm"))
     assert f"did you mean {TPL}" in _one_line(info.value)
-    with pytest.raises(ut.TemplateSpecError) as info:
+    with pytest.raises(errors.TemplateSpecError) as info:
         ut.resolve_template(SpaceSpec("MNIInfant"))
     assert "needs a cohort" in _one_line(info.value)
-    with pytest.raises(ut.TemplateSpecError) as info:
+    with pytest.raises(errors.TemplateSpecError) as info:
         ut.resolve_template(SpaceSpec(TPL, cohort="2"))
     assert "no cohort-2" in _one_line(info.value)
 
@@ -215,7 +268,7 @@ def _assert_offline_error(error, home: Path, relpath: str, *, home_text=None):
 @pytest.mark.parametrize("download", [False, True])
 def test_empty_placeholder_is_a_one_line_error(home, download):
     start = time.monotonic()
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(SpaceSpec(NLIN6), download=download)
     assert time.monotonic() - start < 15
     relpath = f"tpl-{NLIN6}/tpl-{NLIN6}_res-01_T1w.nii.gz"
@@ -230,10 +283,11 @@ def test_empty_placeholder_is_a_one_line_error(home, download):
 def test_missing_template_in_a_fresh_home(tmp_path, monkeypatch):
     fresh = tmp_path / "fresh"
     monkeypatch.setenv("TEMPLATEFLOW_HOME", str(fresh))
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(SpaceSpec(TPL), download=False)
     text = _assert_offline_error(info.value, fresh, f"tpl-{TPL}/tpl-{TPL}_res-01_T1w.nii.gz")
     assert "missing" in text and "templateflow.update(local=True" in text
+    assert not fresh.exists()  # an offline look-up writes nothing into the home
 
 
 def test_unset_templateflow_home_is_reported(tmp_path, monkeypatch):
@@ -242,7 +296,7 @@ def test_unset_templateflow_home_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     default = ut.templateflow_home()
     assert default.is_relative_to(tmp_path)
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(SpaceSpec(TPL), download=False)
     _assert_offline_error(info.value, default, f"tpl-{TPL}_res-01_T1w.nii.gz",
                           home_text=("TEMPLATEFLOW_HOME is not set, so TemplateFlow's default "
@@ -253,7 +307,7 @@ def test_hanging_or_failing_name_lookup_is_bounded(home, monkeypatch):
     """A resolver that hangs (a compute node behind a firewall) or fails: one line, bounded."""
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kw: time.sleep(5))
     start = time.monotonic()
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(SpaceSpec(NLIN6), timeout=1)
     assert time.monotonic() - start < 4
     assert "took more than 1 s" in _one_line(info.value)
@@ -262,7 +316,7 @@ def test_hanging_or_failing_name_lookup_is_bounded(home, monkeypatch):
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", fail)
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(SpaceSpec(NLIN6))
     assert "no network: cannot resolve 127.0.0.1" in _one_line(info.value)
 
@@ -321,7 +375,7 @@ def test_placeholder_is_downloaded_when_online(own_home, s3_server):
 
 def test_truncated_download_is_reported_and_reset(own_home, s3_server):
     _publish_nlin6(s3_server, truncate_mask=True)
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(SpaceSpec(NLIN6))
     relpath = f"tpl-{NLIN6}/tpl-{NLIN6}_res-01_desc-brain_mask.nii.gz"
     text = _assert_offline_error(info.value, own_home, relpath)
@@ -349,6 +403,6 @@ def test_custom_template_removed_after_parsing(tmp_path):
     image.write_bytes(b"x")
     spec = ut.parse_custom_template(f"Study={image}")
     os.remove(image)
-    with pytest.raises(ut.TemplateError) as info:
+    with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(spec)
     assert info.value.exit_code == 66 and str(image) in _one_line(info.value)

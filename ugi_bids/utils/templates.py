@@ -10,20 +10,28 @@ outputs are always on the template's own grid (native-space outputs are written 
 
 TemplateFlow offline
 --------------------
-:func:`resolve_template` reads ``$TEMPLATEFLOW_HOME`` at call time (TemplateFlow's own default
-when unset) and looks at the files itself before asking TemplateFlow for anything: a usable file
-is returned without any network access. Only a missing file, an empty placeholder (the pip
-package's skeleton ships 0-byte NIfTIs), an S3 error page or a truncated download triggers a
-download through ``templateflow``'s client (``TemplateFlowClient.get``, what
-``templateflow.api.get`` calls), bounded: the S3 host name must resolve within ``timeout``
-seconds (checked in a separate thread, since DNS look-ups ignore socket time-outs), then
-``requests`` runs with ``timeout`` for connecting and for each read. Any failure becomes one
-line (:class:`TemplateError`, exit 66) that names the template and the file, gives the
-``TEMPLATEFLOW_HOME`` in use and the command that pre-fetches it on a machine with internet.
+Lookups go through TemplateFlow's own client (:class:`templateflow.client.TemplateFlowClient`,
+``ls``/``templates``/``get``/``get_metadata``), on two roots: ``$TEMPLATEFLOW_HOME`` (read at call
+time; TemplateFlow's default when unset) and a private copy of the skeleton that the installed
+package ships, which the client extracts itself, offline, on first use (every template's
+metadata and 0-byte placeholders: what TemplateFlow knows of, whatever the home holds). The home
+is never written to unless a download is tried; importing :mod:`templateflow` (niworkflows does)
+still initialises an empty home, as TemplateFlow always does.
+
+A file found in the home is checked by us before use, since TemplateFlow only tells a 0-byte
+placeholder apart: a usable file is returned without any network access. A missing file, an
+empty placeholder (the pip package's skeleton ships 0-byte NIfTIs), an S3 error page or a
+truncated download triggers ``TemplateFlowClient.get`` (what ``templateflow.api.get`` calls),
+bounded: the S3 host name must resolve within ``timeout`` seconds (checked in a separate thread,
+since DNS look-ups ignore socket time-outs), then ``requests`` runs with ``timeout`` for
+connecting and for each read. Any failure becomes one line (:class:`TemplateError`, exit 66)
+that names the template and the file, gives the ``TEMPLATEFLOW_HOME`` in use and the command
+that pre-fetches it on a machine with internet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gzip
 import itertools
@@ -31,46 +39,40 @@ import logging
 import os
 import re
 import socket
+import shutil
+import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import urlparse
 
-from ugi_bids.cli.config import SpaceSpec
-from ugi_bids.engine.errors import MissingInputError, UgiError
+from ugi_bids.config import SpaceSpec
+from ugi_bids.errors import TemplateError, TemplateSpecError, UgiError, one_line
 
 LOGGER = logging.getLogger(__name__)
 
 #: Resolution index used when a space has no ``res-``.
 DEFAULT_RESOLUTION = 1
-#: Where TemplateFlow downloads from (module-level so that tests can point it at localhost).
-S3_ROOT = "https://templateflow.s3.amazonaws.com"
+#: Where downloads come from; None: TemplateFlow's own S3 bucket (tests point it at localhost).
+S3_ROOT: str | None = None
 #: Seconds allowed for the DNS look-up, the connection, and each read of a download.
 DOWNLOAD_TIMEOUT = 10.0
-#: niworkflows' non-standard spaces (and a few synonyms): not templates, refused as names.
-NONSTANDARD_SPACES = frozenset({
-    "T1w", "T2w", "anat", "fsnative", "func", "run", "sbref", "session", "individual", "dwi",
-    "asl", "orig", "native", "scanner",
-})
+#: Refused as template names besides niworkflows' ``NONSTANDARD_REFERENCES``: names for the
+#: subject's own image space that niworkflows' list lacks (``scanner``: BIDS' image-based
+#: coordinate system; ``orig``: NiPreps' ``from-orig_to-T1w``; ``native``: what ugi-bids calls
+#: the subject-space outputs). A template so named would make output names ambiguous.
+_MORE_NONSTANDARD = frozenset({"orig", "native", "scanner"})
 #: TemplateFlow suffixes that may stand for one of our BIDS suffixes, in order of preference.
 _SUFFIX_ALIASES = {"PDw": ("PDw", "PD")}
+#: TemplateFlow entities absent from a plain template image or mask (they mark atlases,
+#: segmentations, surfaces...): queried as None, i.e. "must not have it".
+_PLAIN = dict.fromkeys(("atlas", "density", "hemi", "label", "roi", "scale", "segmentation",
+                        "space"))
+_NIFTI = (".nii.gz", ".nii")  # in order of preference
 
 _NAME = re.compile(r"[a-zA-Z0-9]+")
-
-
-class TemplateSpecError(UgiError):
-    """A space or template specification is malformed or names nothing that exists: a usage
-    error, exit 2 (as the command-line parser's ``UsageError``)."""
-
-    exit_code = 2
-
-
-class TemplateError(MissingInputError):
-    """A template file is missing, an empty placeholder, or could not be downloaded: exit 66."""
-
-    exit_code = 66
 
 
 @dataclass
@@ -97,9 +99,22 @@ class ResolvedTemplate:
         return self.spec.label
 
 
-def _one_line(text: object, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _library_error(exc: Exception) -> TemplateError:
+    """Importing templateflow (directly or through niworkflows) initialises an empty home and
+    indexes it; a failure there (an unwritable home...) becomes one line, not a stack trace."""
+    return TemplateError(
+        f"cannot start TemplateFlow ({_home_text(templateflow_home())}): "
+        f"{type(exc).__name__}: {one_line(exc, 200)}")
+
+
+@lru_cache(maxsize=1)
+def _nonstandard_spaces() -> frozenset[str]:
+    """niworkflows' non-standard spaces (``T1w``, ``fsnative``...) and ours: not templates."""
+    try:  # lazy: niworkflows' import indexes the TemplateFlow home (seconds)
+        from niworkflows.utils.spaces import NONSTANDARD_REFERENCES
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError, pybids errors
+        raise _library_error(exc) from None
+    return frozenset(NONSTANDARD_REFERENCES) | _MORE_NONSTANDARD
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +142,7 @@ def _parse_space(value: str) -> list[SpaceSpec]:
         raise TemplateSpecError(
             f"output space {value!r}: expected SPACE[:cohort-X][:res-N] with SPACE made of "
             "letters and digits")
-    if name in NONSTANDARD_SPACES:
+    if name in _nonstandard_spaces():
         raise TemplateSpecError(
             f"output space {name!r} is not a template: give a TemplateFlow template (e.g. "
             "MNI152NLin2009cAsym) or a custom one declared with --template NAME=PATH")
@@ -179,7 +194,7 @@ def _custom_path(name: str, what: str, value: str) -> Path:
 def _reserved_name(name: str) -> str | None:
     """What a custom template name would clash with (case-insensitively), or None."""
     folded = name.casefold()
-    for kind, names in (("a non-standard space", NONSTANDARD_SPACES),
+    for kind, names in (("a non-standard space", _nonstandard_spaces()),
                         ("a TemplateFlow template", templateflow_names())):
         clash = next((n for n in names if n.casefold() == folded), None)
         if clash:
@@ -220,18 +235,19 @@ def parse_custom_template(value: str) -> SpaceSpec:
 
 
 # --------------------------------------------------------------------------------------------
-# TemplateFlow catalogue: what the home holds, and what TemplateFlow's skeleton lists
+# TemplateFlow catalogue: the home and the package's skeleton, through TemplateFlow's client
 # --------------------------------------------------------------------------------------------
 
 def templateflow_home() -> Path:
-    """``$TEMPLATEFLOW_HOME`` read now, or TemplateFlow's default (``~/.cache/templateflow``)."""
+    """``$TEMPLATEFLOW_HOME`` read now, or TemplateFlow's default (``~/.cache/templateflow``).
+
+    Ours rather than ``templateflow.conf.env.get_templateflow_home``: importing that initialises
+    a home, and it neither expands ``~`` nor treats an empty variable as unset."""
     value = os.environ.get("TEMPLATEFLOW_HOME")
     if value:
         return Path(value).expanduser().absolute()
-    try:
-        from platformdirs import user_cache_dir
-    except ImportError:  # pragma: no cover - platformdirs comes with templateflow
-        return Path("~/.cache/templateflow").expanduser().absolute()
+    from platformdirs import user_cache_dir  # what TemplateFlow uses
+
     return Path(user_cache_dir("templateflow")).absolute()
 
 
@@ -241,33 +257,118 @@ def _home_text(home: Path) -> str:
     return f"TEMPLATEFLOW_HOME is not set, so TemplateFlow's default {home} is used"
 
 
-@lru_cache(maxsize=1)
-def _skeleton_names() -> tuple[str, ...]:
-    """Relative paths listed in the templateflow package's skeleton (empty if not installed).
-
-    Found without importing :mod:`templateflow`, whose import initialises a home."""
-    import importlib.util
-    import zipfile
-
-    spec = importlib.util.find_spec("templateflow")
-    if spec is None or not spec.submodule_search_locations:
-        return ()
-    path = Path(list(spec.submodule_search_locations)[0]) / "conf" / "templateflow-skel.zip"
+def _client(root: Path, **config):
     try:
-        with zipfile.ZipFile(path) as skeleton:
-            return tuple(name for name in skeleton.namelist() if not name.endswith("/"))
-    except (OSError, zipfile.BadZipFile):
-        return ()
+        from templateflow.client import TemplateFlowClient
+    except Exception as exc:  # noqa: BLE001 - see _library_error
+        raise _library_error(exc) from None
+    return _without_metadata_index(TemplateFlowClient(root=root, **config))
+
+
+def _without_metadata_index(client):
+    """``client`` with a layout that indexes file names only, built on first use.
+
+    TemplateFlow's layout also indexes every JSON sidecar, which took 3 of the 4.6 s that a run
+    spent indexing; we query entities only (``template_description.json`` is read directly,
+    :func:`_metadata`), so the sidecars are left out. The rest is TemplateFlow's own layout."""
+    import re
+    from functools import cached_property
+
+    from bids.layout.index import BIDSLayoutIndexer
+    from templateflow.conf.bids import Layout
+
+    cache = client.cache
+
+    class _Cache(type(cache)):
+        @cached_property
+        def layout(self):
+            self.ensure()
+            return Layout(self.config.root, validate=False, config="templateflow",
+                          indexer=BIDSLayoutIndexer(
+                              validate=False, index_metadata=False,
+                              ignore=(re.compile(r"scripts/"), re.compile(r"/\."),
+                                      re.compile(r"^\."))))
+
+    cache.__class__ = _Cache
+    return client
+
+
+@lru_cache(maxsize=1)
+def _skeleton():
+    """A client on the skeleton the installed templateflow package ships (offline), and the
+    holder of its folder when that folder is temporary.
+
+    The client unpacks the skeleton into its root on first use; unpacking its 2,644
+    placeholders took 1.9 s, so the root is kept in ugi-bids' cache (one folder per skeleton
+    checksum) and reused by later runs. Where the cache cannot be written (a read-only
+    container home), a temporary root serves this run."""
+    root = _cached_skeleton_root()
+    if root is not None:
+        return _client(root, autoupdate=False), None
+    folder = tempfile.TemporaryDirectory(prefix="ugi-bids-templateflow-")
+    return _client(Path(folder.name) / "skeleton", autoupdate=False), folder
+
+
+def _cached_skeleton_root() -> Path | None:
+    """``<ugi-bids cache>/templateflow-skeleton/<md5 of the skeleton>``, unpacked once (into a
+    staging folder renamed into place, so concurrent runs never see half a skeleton); None
+    where the cache cannot be written."""
+    from importlib.resources import files
+
+    from ..engine.cache import cache_dir
+
+    try:
+        checksum = (files("templateflow.conf") / "templateflow-skel.md5").read_text().split()[0]
+        root = cache_dir() / "templateflow-skeleton" / checksum
+        if not root.is_dir():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root.parent))
+            try:
+                _client(staging, autoupdate=False).cache.ensure()
+                os.rename(staging, root)
+            except OSError:  # another run put it in place first
+                shutil.rmtree(staging, ignore_errors=True)
+        return root if root.is_dir() else None
+    except (OSError, UgiError):
+        return None
+
+
+_HOME_CLIENTS: dict[Path, object] = {}
+
+
+def _home_client(home: Path):
+    """A client on the home; None when the home is missing or empty, since the client would
+    fill it with the skeleton on first use and a lookup must not write there."""
+    if home not in _HOME_CLIENTS:
+        client = _client(home)
+        import templateflow.api
+        import templateflow.conf
+
+        if Path(templateflow.conf.TF_HOME) == home:  # the global client, maybe indexed already
+            client = templateflow.api  # (niworkflows does); TemplateFlow documents it as a client
+        if not client.cache.cached:
+            return None
+        _HOME_CLIENTS[home] = client
+    return _HOME_CLIENTS[home]
+
+
+def _clients(home: Path) -> list:
+    return [c for c in (_home_client(home), _skeleton()[0]) if c is not None]
 
 
 def templateflow_names() -> list[str]:
     """TemplateFlow template identifiers known to the installed ``templateflow`` package."""
-    return sorted({name.split("/")[0][4:] for name in _skeleton_names() if name.startswith("tpl-")})
+    return list(_skeleton_names())
+
+
+@lru_cache(maxsize=1)
+def _skeleton_names() -> tuple[str, ...]:
+    return tuple(_skeleton()[0].templates())  # seconds: pybids builds every file's object
 
 
 @dataclass(frozen=True)
 class _Entry:
-    """One NIfTI file of a template, parsed from its TemplateFlow name."""
+    """One NIfTI file of a template, and the query that finds it."""
 
     relpath: str
     cohort: str | None
@@ -276,48 +377,48 @@ class _Entry:
     suffix: str
     ext: str
 
-
-_NIFTI = re.compile(r"(\.nii\.gz|\.nii)$")
+    @property
+    def query(self) -> dict:
+        return {**_PLAIN, "cohort": self.cohort, "resolution": self.res, "desc": self.desc,
+                "suffix": self.suffix, "extension": self.ext}
 
 
 def _norm_label(label: str | None) -> str | None:
     return str(int(label)) if label is not None and label.isdigit() else label
 
 
-def _parse_entry(relpath: str) -> _Entry | None:
-    """Parse ``tpl-X[_cohort-C][_res-R][_desc-D]_SUFFIX.nii[.gz]``; None for anything else
-    (files with other entities: atlases, probseg labels, spaces, transforms...)."""
-    name = PurePosixPath(relpath).name
-    ext = _NIFTI.search(name)
-    if not ext:
-        return None
-    parts = name[: ext.start()].split("_")
-    if len(parts) < 2 or not parts[0].startswith("tpl-"):
-        return None
-    entities = {}
-    for part in parts[1:-1]:
-        key, sep, value = part.partition("-")
-        if not sep or key not in ("cohort", "res", "desc"):
-            return None
-        entities[key] = value
-    res = entities.get("res")
-    return _Entry(relpath, _norm_label(entities.get("cohort")),
-                  int(res) if res and res.isdigit() else None,
-                  entities.get("desc"), parts[-1], ext.group(1))
+def _ls(clients, name: str, **query) -> list[str]:
+    """Relative paths (``tpl-X/...``) of the plain template NIfTIs of ``name`` matching
+    ``query``, home and skeleton together."""
+    query = {**_PLAIN, "extension": list(_NIFTI), **query}
+    return sorted({path.relative_to(client.cache.layout.root).as_posix()
+                   for client in clients for path in client.ls(name, **query)})
 
 
-def _catalogue(home: Path, name: str) -> tuple[list[_Entry], set[str]]:
-    """Volumetric entries of template ``name`` (home and skeleton together), and the relative
-    paths that the home itself lists (files, placeholders or dangling links)."""
-    folder = home / f"tpl-{name}"
-    in_home = set()
-    if folder.is_dir():
-        for path in folder.rglob("*.nii*"):
-            in_home.add(path.relative_to(home).as_posix())
-    skeleton = {n for n in _skeleton_names() if n.startswith(f"tpl-{name}/")}
-    entries = [entry for relpath in sorted(in_home | skeleton)
-               if (entry := _parse_entry(relpath)) is not None]
-    return entries, in_home
+def _values(clients, entity: str, name: str, **query) -> list:
+    """The values of ``entity`` over the plain template NIfTIs of ``name`` matching ``query``."""
+    query = {**_PLAIN, "extension": list(_NIFTI), "template": name, **query}
+    return sorted({v for client in clients for v in getattr(client, f"get_{entity}s")(**query)})
+
+
+def _find(clients, name: str, cohort, res, desc, suffixes) -> _Entry | None:
+    """The file wanted: the first suffix of ``suffixes`` that exists, .nii.gz before .nii."""
+    for suffix, ext in itertools.product(suffixes, _NIFTI):
+        found = _ls(clients, name, cohort=cohort, resolution=res, desc=desc, suffix=suffix,
+                    extension=ext)
+        if found:
+            return _Entry(found[0], cohort, res, desc, suffix, ext)
+    return None
+
+
+def _metadata(clients, name: str) -> dict:
+    """``template_description.json``: the home's, else the skeleton's, else {}."""
+    for client in clients:
+        # without the file in the home, templateflow 25.1 calls DataLad with the wrong
+        # arguments (TypeError); a bad JSON raises too
+        with contextlib.suppress(Exception):
+            return client.get_metadata(name)
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,11 +426,12 @@ def _catalogue(home: Path, name: str) -> tuple[list[_Entry], set[str]]:
 # --------------------------------------------------------------------------------------------
 
 def _problem(path: Path) -> str | None:
-    """Why ``path`` is not a usable template file, or None when it is."""
+    """Why ``path`` is not a usable template file, or None when it is. Ours: TemplateFlow only
+    tells 0-byte placeholders apart (and S3 error pages, inside ``get``), not damaged files."""
     try:
         return _content_problem(path)
     except OSError as exc:
-        return f"it cannot be read: {_one_line(exc, 100)}"
+        return f"it cannot be read: {one_line(exc, 100)}"
 
 
 def _content_problem(path: Path) -> str | None:
@@ -354,8 +456,8 @@ def _content_problem(path: Path) -> str | None:
         import nibabel as nib
 
         nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types
-        return f"it is not a readable NIfTI file: {_one_line(exc, 100)}"
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types
+        return f"it is not a readable NIfTI file: {one_line(exc, 100)}"
     return None
 
 
@@ -398,32 +500,32 @@ def _download_reason(exc: Exception) -> str:
     errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
     if errno:
         return f"{type(exc).__name__}: {errno.group(0).strip()}"
-    return f"{type(exc).__name__}: {_one_line(text, 200)}"
+    return f"{type(exc).__name__}: {one_line(text, 200)}"
 
 
 def _download(home: Path, name: str, entry: _Entry, listed: bool, timeout: float) -> str | None:
     """Ask TemplateFlow for ``entry``; None on success, else why it failed (one line)."""
-    reason = _resolve_host(_first_hop(S3_ROOT), timeout)
+    client = _client(home, timeout=timeout, **({"s3_root": S3_ROOT} if S3_ROOT else {}))
+    # TemplateFlow bounds connections and reads but not the DNS look-up: a compute node behind
+    # a firewall can hang there for minutes, so the first hop must resolve in time first.
+    reason = _resolve_host(_first_hop(client.cache.config.s3_root), timeout)
     if reason:
         return reason
     path = home / entry.relpath
     try:
-        from templateflow.client import TemplateFlowClient
-
-        client = TemplateFlowClient(root=home, timeout=timeout, s3_root=S3_ROOT)
         if not listed:  # the home lacks this template's skeleton entries: add them (no network)
             client.cache.update(local=True, overwrite=False, silent=True)
-        query = {"resolution": entry.res, "desc": entry.desc, "suffix": entry.suffix,
-                 "extension": entry.ext}
-        if entry.cohort is not None:
-            query["cohort"] = entry.cohort
         LOGGER.info("Downloading %s from TemplateFlow into %s", entry.relpath, home)
-        client.get(name, **query)
-    except Exception as exc:  # requests, templateflow and pybids raise many types
+        client.get(name, **entry.query)
+    except Exception as exc:  # noqa: BLE001 - requests, templateflow, pybids raise many
         reason = f"download failed: {_download_reason(exc)}"
+    finally:
+        _HOME_CLIENTS.pop(home, None)  # the home may have changed: index it again next time
     problem = _problem(path)
     if problem and path.is_file() and not path.is_symlink() and path.stat().st_size > 0:
-        path.write_bytes(b"")  # an interrupted download: back to a placeholder, retried next time
+        # TemplateFlow only compares the byte count with the server's: a damaged download
+        # goes back to a placeholder, retried next time
+        path.write_bytes(b"")
     if problem:
         return reason or f"download did not give a usable file: {problem}"
     return None
@@ -431,8 +533,7 @@ def _download(home: Path, name: str, entry: _Entry, listed: bool, timeout: float
 
 def _prefetch_command(name: str, image: _Entry, mask: _Entry | None, listed: bool) -> str:
     def call(entry: _Entry) -> str:
-        cohort = "" if entry.cohort is None else ", cohort={}".format(
-            entry.cohort if entry.cohort.isdigit() else repr(entry.cohort))
+        cohort = "" if entry.cohort is None else f", cohort={entry.cohort}"
         return (f"get({name!r}{cohort}, resolution={entry.res}, desc={entry.desc!r}, "
                 f"suffix={entry.suffix!r})")
 
@@ -443,13 +544,12 @@ def _prefetch_command(name: str, image: _Entry, mask: _Entry | None, listed: boo
 
 
 def _ensure_available(home: Path, spec: SpaceSpec, entry: _Entry, image: _Entry,
-                      mask: _Entry | None, in_home: set[str], download: bool,
-                      timeout: float) -> Path:
+                      mask: _Entry | None, download: bool, timeout: float) -> Path:
     path = home / entry.relpath
     problem = _problem(path)
     if problem is None:
         return path
-    listed = entry.relpath in in_home
+    listed = os.path.lexists(path)  # a file, placeholder or dangling link
     if download:
         failure = _download(home, spec.name, entry, listed, timeout)
         if failure is None:
@@ -457,7 +557,7 @@ def _ensure_available(home: Path, spec: SpaceSpec, entry: _Entry, image: _Entry,
         problem = f"{problem}; {failure}"
     else:
         problem = f"{problem}; downloads are disabled"
-    listed_all = all(e.relpath in in_home for e in (image, mask) if e is not None)
+    listed_all = all(os.path.lexists(home / e.relpath) for e in (image, mask) if e is not None)
     raise TemplateError(
         f"TemplateFlow template {spec.label}: {entry.relpath} is not available offline: "
         f"{problem}; {_home_text(home)}. Pre-fetch it on a machine with internet access "
@@ -471,16 +571,13 @@ def _ensure_available(home: Path, spec: SpaceSpec, entry: _Entry, image: _Entry,
 # Resolution
 # --------------------------------------------------------------------------------------------
 
-def _resolution_text(home: Path, name: str, resolutions) -> str:
+def _resolution_text(clients, name: str, resolutions) -> str:
     """``res-1 (1 mm), res-2 (2 mm)`` from template_description.json when readable."""
-    import json
-
     zooms = {}
     try:
-        description = json.loads((home / f"tpl-{name}" / "template_description.json").read_text())
-        zooms = {int(k): v.get("zooms") for k, v in description.get("res", {}).items()
+        zooms = {int(k): v.get("zooms") for k, v in _metadata(clients, name).get("res", {}).items()
                  if str(k).isdigit()}
-    except (OSError, ValueError, AttributeError):
+    except (AttributeError, TypeError):
         pass
 
     def one(res):
@@ -492,80 +589,62 @@ def _resolution_text(home: Path, name: str, resolutions) -> str:
     return ", ".join(one(r) for r in resolutions) or "none"
 
 
-def _unknown_template(home: Path, name: str):
-    known = templateflow_names()
-    if not known:
-        return TemplateError(
-            f"template {name} not found in the TemplateFlow home ({_home_text(home)}) and the "
-            "templateflow package is not installed; give a template by path with --template")
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    return TemplateSpecError(
-        f"unknown TemplateFlow template {name!r}; {hint}TemplateFlow templates: "
-        f"{', '.join(known)}; or give your own with --template {name}=PATH")
-
-
-def _pick(entries: list[_Entry], suffixes) -> _Entry:
-    """Prefer the first suffix of ``suffixes``, then .nii.gz, then the file name."""
-    order = {suffix: i for i, suffix in enumerate(suffixes)}
-    return min(entries, key=lambda e: (order.get(e.suffix, len(order)), e.ext != ".nii.gz",
-                                       e.relpath))
-
-
 def _resolve_templateflow(spec: SpaceSpec, suffix: str, download: bool,
                           timeout: float) -> ResolvedTemplate:
     home = templateflow_home()
-    entries, in_home = _catalogue(home, spec.name)
-    if not entries:
-        raise _unknown_template(home, spec.name)
+    clients = _clients(home)
+    name = spec.name
+    if not any(client.ls(name) for client in clients):
+        known = sorted({n for client in clients for n in client.templates()})
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise TemplateSpecError(
+            f"unknown TemplateFlow template {name!r}; {hint}TemplateFlow templates: "
+            f"{', '.join(known)}; or give your own with --template {name}=PATH")
 
-    cohorts = sorted({e.cohort for e in entries if e.cohort is not None}, key=lambda c: (len(c), c))
+    cohorts = [str(c) for c in _values(clients, "cohort", name)]
     cohort = _norm_label(spec.cohort)
     if cohorts and cohort is None:
         raise TemplateSpecError(
-            f"template {spec.name} needs a cohort ({spec.name}:cohort-<label>); cohorts: "
+            f"template {name} needs a cohort ({name}:cohort-<label>); cohorts: "
             f"{', '.join(cohorts)}")
     if cohort is not None and cohort not in cohorts:
         raise TemplateSpecError(
-            f"template {spec.name} has no cohort-{spec.cohort}; cohorts: "
-            f"{', '.join(cohorts) or 'none'}")
-    entries = [e for e in entries if e.cohort == cohort]
+            f"template {name} has no cohort-{spec.cohort}; cohorts: {', '.join(cohorts) or 'none'}")
 
-    wanted = _SUFFIX_ALIASES.get(suffix, (suffix,))
-    images = [e for e in entries if e.desc is None and e.suffix in wanted]
-    if not images:
-        images = [e for e in entries if e.desc is None and e.suffix == "T1w"]
-        if not images:
+    used = next((s for s in _SUFFIX_ALIASES.get(suffix, (suffix,))
+                 if _ls(clients, name, cohort=cohort, desc=None, suffix=s)), None)
+    if used is None:
+        if not _ls(clients, name, cohort=cohort, desc=None, suffix="T1w"):
             raise TemplateSpecError(
                 f"template {spec.label} has no volumetric T1w image to register to")
         LOGGER.warning("Template %s has no %s image: %s images are registered to its T1w image",
                        spec.label, suffix, suffix)
-        wanted = ("T1w",)
+        used = "T1w"
 
-    resolutions = sorted({e.res for e in images if e.res is not None})
+    resolutions = _values(clients, "resolution", name, cohort=cohort, desc=None, suffix=used)
     if spec.resolution is not None:
         res = int(spec.resolution)
         if res not in resolutions:
             raise TemplateSpecError(
-                f"template {spec.label} has no res-{res} {images[0].suffix} image; resolutions: "
-                f"{_resolution_text(home, spec.name, resolutions)}")
+                f"template {spec.label} has no res-{res} {used} image; resolutions: "
+                f"{_resolution_text(clients, name, resolutions)}")
     else:
         res = DEFAULT_RESOLUTION if DEFAULT_RESOLUTION in resolutions else (
             resolutions[0] if resolutions else None)
-    image = _pick([e for e in images if e.res == res], wanted)
-    masks = [e for e in entries if e.res == res and e.desc == "brain" and e.suffix == "mask"]
-    mask = _pick(masks, ("mask",)) if masks else None
+    image = _find(clients, name, cohort, res, None, (used,))
+    mask = _find(clients, name, cohort, res, "brain", ("mask",))
     if mask is None:
         LOGGER.info("Template %s has no res-%s brain mask", spec.label, res)
 
-    image_path = _ensure_available(home, spec, image, image, mask, in_home, download, timeout)
-    mask_path = (_ensure_available(home, spec, mask, image, mask, in_home, download, timeout)
+    image_path = _ensure_available(home, spec, image, image, mask, download, timeout)
+    mask_path = (_ensure_available(home, spec, mask, image, mask, download, timeout)
                  if mask is not None else None)
     return ResolvedTemplate(
         spec=spec, image=image_path, mask=mask_path,
         uri=f"bids:templateflow:{image.relpath}",
         mask_uri=f"bids:templateflow:{mask.relpath}" if mask is not None else None,
-        suffix=image.suffix, resolution=res)
+        suffix=used, resolution=res)
 
 
 def _resolve_custom(spec: SpaceSpec) -> ResolvedTemplate:
