@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("bids")  # pybids
 
 from tests.bidsdata import make_bids_dataset
+from ugi_bids import errors
 from ugi_bids.utils import bids as ub
 
 
@@ -34,6 +35,22 @@ def acq_dataset(tmp_path, dataset):
     shutil.copytree(dataset["bids_dir"], root)
     anat = root / "sub-02" / "anat"
     shutil.copy(anat / "sub-02_T1w.nii.gz", anat / "sub-02_acq-lowres_T1w.nii.gz")
+    return root
+
+
+@pytest.fixture
+def part_dataset(tmp_path, dataset):
+    """A copy of the dataset where sub-01's ses-1 T1w is a magnitude/phase pair (``part-mag``,
+    ``part-phase``) and ses-2 holds only phase images."""
+    root = tmp_path / "bids"
+    shutil.copytree(dataset["bids_dir"], root)
+    ses1, ses2 = root / "sub-01" / "ses-1" / "anat", root / "sub-01" / "ses-2" / "anat"
+    (ses1 / "sub-01_ses-1_T1w.nii.gz").rename(ses1 / "sub-01_ses-1_part-mag_T1w.nii.gz")
+    shutil.copy(ses1 / "sub-01_ses-1_part-mag_T1w.nii.gz",
+                ses1 / "sub-01_ses-1_part-phase_T1w.nii.gz")
+    for run in (1, 2):
+        (ses2 / f"sub-01_ses-2_run-{run}_T1w.nii.gz").rename(
+            ses2 / f"sub-01_ses-2_run-{run}_part-phase_T1w.nii.gz")
     return root
 
 
@@ -71,7 +88,7 @@ def test_not_a_bids_dataset_exit_16_unless_validation_skipped(tmp_path):
     folder = tmp_path / "notbids"
     (folder / "sub-01" / "anat").mkdir(parents=True)
     (folder / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"")
-    with pytest.raises(ub.BIDSValidationError) as info:
+    with pytest.raises(errors.BIDSValidationError) as info:
         ub.load_layout(folder)
     assert info.value.exit_code == 16
     _assert_one_line(info.value)
@@ -81,7 +98,7 @@ def test_not_a_bids_dataset_exit_16_unless_validation_skipped(tmp_path):
 
 
 def test_missing_bids_dir_exit_66(tmp_path):
-    with pytest.raises(ub.BIDSMissingInputError) as info:
+    with pytest.raises(errors.MissingInputError) as info:
         ub.load_layout(tmp_path / "absent")
     assert info.value.exit_code == 66
     _assert_one_line(info.value)
@@ -105,8 +122,19 @@ def test_participants_with_and_without_prefix(layout):
     assert ub.participants(layout, ["sub-02", "01", "02"]) == ["02", "01"]
 
 
+def test_dataset_without_participants_exit_66(tmp_path, dataset):
+    root = tmp_path / "empty"
+    root.mkdir()
+    shutil.copy(dataset["bids_dir"] / "dataset_description.json", root)
+    with pytest.raises(errors.MissingInputError) as info:
+        ub.participants(ub.load_layout(root))
+    assert info.value.exit_code == 66
+    _assert_one_line(info.value)
+    assert "no participants" in str(info.value)
+
+
 def test_unknown_participant_exit_18(layout):
-    with pytest.raises(ub.BIDSSelectionError) as info:
+    with pytest.raises(errors.NoDataError) as info:
         ub.participants(layout, ["01", "sub-03", "04"])
     error = info.value
     assert error.exit_code == 18
@@ -134,11 +162,42 @@ def test_participant_without_sessions(layout):
 
 def test_absent_suffix_is_an_empty_entry(layout):
     found = ub.collect_anatomicals(layout, "02", suffixes=("T1w", "T2w"))
-    assert found[None]["T2w"] == [] and found[None]["T1w"]
-    assert ub.has_images(found)
+    assert found[None]["T2w"] == []
+    assert _names(found[None]["T1w"]) == ["sub-02_T1w.nii.gz"]
+    assert ub.has_images(found) is True
     only_t2 = ub.collect_anatomicals(layout, "01", suffixes=("T2w",))
     assert only_t2 == {"1": {"T2w": []}, "2": {"T2w": []}}
-    assert not ub.has_images(only_t2) and not ub.has_images(only_t2["1"])
+    assert ub.has_images(only_t2) is False and ub.has_images(only_t2["1"]) is False
+
+
+def test_queries_are_the_filter_queries_and_skip_phase_images():
+    from ugi_bids.cli.parser import FILTER_QUERIES
+
+    assert {name: query["suffix"] for name, query in ub.ANAT_QUERIES.items()} == FILTER_QUERIES
+    for query in ub.ANAT_QUERIES.values():
+        assert query["datatype"] == "anat" and query["part"] == ["mag", None]
+
+
+def test_magnitude_chosen_and_phase_only_session_yields_no_image(part_dataset, tmp_path, caplog):
+    layout = ub.load_layout(part_dataset)
+    found = ub.collect_anatomicals(layout, "01")
+    assert _names(found["1"]["T1w"]) == ["sub-01_ses-1_part-mag_T1w.nii.gz"]
+    assert found["2"]["T1w"] == []
+    assert ub.has_images(found["2"]) is False
+    # a filter entry overrides the query's, as in fMRIPrep: here, every part
+    every = ub.collect_anatomicals(layout, "01", filters={"t1w": {"part": "*"}})
+    assert _names(every["2"]["T1w"]) == ["sub-01_ses-2_run-1_part-phase_T1w.nii.gz",
+                                         "sub-01_ses-2_run-2_part-phase_T1w.nii.gz"]
+    # through the app: the phase-only session is reported and skipped, never registered
+    from ugi_bids.cli.run import select_inputs
+    from ugi_bids.config import Config
+
+    with caplog.at_level("WARNING"):
+        selected = select_inputs(Config(bids_dir=part_dataset, output_dir=tmp_path / "out",
+                                        participant_label=["01"]))
+    assert selected == {"01": {"1": {"T1w": str(part_dataset / "sub-01" / "ses-1" / "anat"
+                                                 / "sub-01_ses-1_part-mag_T1w.nii.gz")}}}
+    assert "sub-01 ses-2: no usable T1w image" in caplog.text
 
 
 # ---------------------------------------------------------------- filters
@@ -160,11 +219,17 @@ def test_filter_values_lists_and_session_narrowing(layout):
     assert _names(found["2"]["T1w"]) == ["sub-01_ses-2_run-2_T1w.nii.gz"]
     found = ub.collect_anatomicals(layout, "01", filters={"t1w": {"run": [1, 2]}})
     assert len(found["2"]["T1w"]) == 2
-    for session in ("1", "ses-1", ["1"]):
+    for session in ("1", "ses-1", ["1"], ["1", "3"]):
         found = ub.collect_anatomicals(layout, "01", filters={"t1w": {"session": session}})
-        assert found["1"]["T1w"] and found["2"]["T1w"] == []
+        assert _names(found["1"]["T1w"]) == ["sub-01_ses-1_T1w.nii.gz"]
+        assert found["2"]["T1w"] == []
+    # a filter naming another participant or session selects nothing there (no error)
+    assert ub.collect_anatomicals(layout, "01", filters={"t1w": {"subject": "sub-02"}}
+                                  ) == {"1": {"T1w": []}, "2": {"T1w": []}}
+    assert ub.collect_anatomicals(layout, "01", sessions=["2"],
+                                  filters={"t1w": {"session": "1"}}) == {"2": {"T1w": []}}
     found = ub.collect_anatomicals(layout, "02", filters={"t1w": {"session": None}})
-    assert found[None]["T1w"]
+    assert _names(found[None]["T1w"]) == ["sub-02_T1w.nii.gz"]
     assert ub.collect_anatomicals(layout, "02", filters={"t1w": {"session": "*"}}
                                   )[None]["T1w"] == []
     # already-normalized filters are accepted as they are
@@ -188,32 +253,48 @@ def test_filter_keys_case_aliases_and_foreign_queries(acq_dataset):
 
 
 def test_bad_filters_are_usage_errors(layout):
-    with pytest.raises(ub.BIDSFilterError) as info:
+    with pytest.raises(errors.BIDSFilterError) as info:
         ub.collect_anatomicals(layout, "01", filters={"t1w": {"colour": "red"}})
     assert info.value.exit_code == 2
     _assert_one_line(info.value)
     assert "colour" in str(info.value)
-    with pytest.raises(ub.BIDSFilterError):
+    with pytest.raises(errors.BIDSFilterError):
         ub.normalize_filters({"t1w": ["run", 1]})
-    with pytest.raises(ub.BIDSFilterError):
+    with pytest.raises(errors.BIDSFilterError):
         ub.normalize_filters({"t1w": {"run": {"nested": 1}}})
+    # the error names the query whose filter is wrong
+    with pytest.raises(errors.BIDSFilterError) as info:
+        ub.collect_anatomicals(layout, "01", suffixes=("T1w", "T2w"),
+                               filters={"t1w": {"run": 1}, "t2w": {"colour": "red"}})
+    assert str(info.value).startswith("BIDS filter for 't2w': 'colour'")
+
+
+def test_short_entity_names_are_pybids_names(layout):
+    assert ub.normalize_filters({"t1w": {"acq": "a", "rec": "b", "ce": "c", "dir": "d",
+                                         "mod": "e", "inv": 1, "part": "mag"}}) == {
+        "t1w": {"acquisition": "a", "reconstruction": "b", "ceagent": "c", "direction": "d",
+                "modality": "e", "inv": 1, "part": "mag"}}
+    found = ub.collect_anatomicals(layout, "01", filters={"t1w": {"inv": None, "run": 1}})
+    assert _names(found["2"]["T1w"]) == ["sub-01_ses-2_run-1_T1w.nii.gz"]
 
 
 def test_load_bids_filters(tmp_path):
     from bids.layout import Query
 
+    from ugi_bids.cli.parser import load_bids_filters
+
     good = tmp_path / "filter.json"
     good.write_text(json.dumps({"t1w": {"reconstruction": None, "run": "*"}}))
-    data = ub.load_bids_filters(good)
+    data = load_bids_filters(str(good))
     assert data == {"t1w": {"reconstruction": None, "run": "*"}}
     assert ub.normalize_filters(data) == {"t1w": {"reconstruction": Query.NONE, "run": Query.ANY}}
-    with pytest.raises(ub.BIDSMissingInputError) as info:
-        ub.load_bids_filters(tmp_path / "absent.json")
+    with pytest.raises(errors.MissingInputError) as info:
+        load_bids_filters(str(tmp_path / "absent.json"))
     assert info.value.exit_code == 66
     bad = tmp_path / "bad.json"
     bad.write_text("{t1w: }")
-    with pytest.raises(ub.BIDSFilterError) as info:
-        ub.load_bids_filters(bad)
+    with pytest.raises(errors.UsageError) as info:
+        load_bids_filters(str(bad))
     assert info.value.exit_code == 2
     _assert_one_line(info.value)
 

@@ -1,31 +1,40 @@
-"""Input selection in a raw BIDS dataset, with pybids.
+"""Input selection in a raw BIDS dataset: niworkflows' BIDS helpers, NiPreps style.
 
 The BIDS-App layer calls, in order: :func:`load_layout` (index ``BIDS_DIR``), :func:`participants`
-(``--participant-label``), :func:`collect_anatomicals` (per participant: sessions, suffixes,
-``--bids-filter-file``), then :func:`select_reference` on each (session, suffix) list that has
-several images. Failures are :class:`BIDSError` subclasses: one-line messages with the BIDS-App
-exit code (16 validation failed, 18 filters selected no files, 66 missing input; 2 for a filter
-that names an unknown entity, a usage error like the command-line parser's).
+(``--participant-label``; niworkflows' ``collect_participants``), :func:`collect_anatomicals`
+(per participant and session: niworkflows' ``collect_data`` with :data:`ANAT_QUERIES` and the
+``--bids-filter-file`` filters merged into them as fMRIPrep does), then :func:`select_reference`
+on each (session, suffix) list that has several images. Failures are
+:class:`~ugi_bids.errors.UgiError` subclasses: one-line messages with the BIDS-App exit code
+(16 validation failed, 18 filters selected no files, 66 missing input; 2 for a filter that names
+an unknown entity, a usage error like the command-line parser's).
+
+Hand-written here is only what niworkflows lacks (each place says why): exit-coded one-line
+errors, the layout with its reusable database, the sessions of a participant, the filter-file
+conventions, the reference rule and BIDS URIs.
 
 Paths are returned as absolute ``str`` (what Nipype nodes take); inputs accept any path-like.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from ugi_bids.cli.config import SUFFIX_MODALITY
-from ugi_bids.engine.errors import UgiError
+from ugi_bids.config import SUFFIX_MODALITY
+from ugi_bids.errors import (
+    BIDSFilterError,
+    BIDSValidationError,
+    MissingInputError,
+    NoDataError,
+    one_line,
+)
 
 LOGGER = logging.getLogger(__name__)
-
-#: File extensions of the images we register.
-NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
 #: How one image is chosen when a session has several of one suffix (see
 #: :func:`select_reference`); a complete sentence for the boilerplate.
@@ -36,51 +45,28 @@ REFERENCE_RULE = (
     "were not processed."
 )
 
-#: Short entity names users write in filter files, and the pybids names they stand for.
+#: Short entity names users write in filter files, and the pybids names they stand for
+#: (``inv``, ``echo``, ``part``... are pybids' own names already).
 _ENTITY_ALIASES = {
     "sub": "subject", "ses": "session", "acq": "acquisition", "rec": "reconstruction",
-    "ce": "ceagent", "dir": "direction", "inv": "inversion", "mod": "modality",
+    "ce": "ceagent", "dir": "direction", "mod": "modality",
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-class BIDSError(UgiError):
-    """Base class of the input-selection errors (one-line message, BIDS-App exit code)."""
-
-    exit_code = 1
+def query_name(suffix: str) -> str:
+    """The ``--bids-filter-file`` key of a suffix: ``T1w`` -> ``t1w``, ``FLAIR`` -> ``flair``."""
+    return suffix.lower()
 
 
-class BIDSValidationError(BIDSError):
-    """``BIDS_DIR`` is not a valid BIDS dataset: exit 16."""
-
-    exit_code = 16
-
-
-class BIDSSelectionError(BIDSError):
-    """The participant/session labels or filters selected nothing: exit 18."""
-
-    exit_code = 18
-
-
-class BIDSFilterError(BIDSError):
-    """A ``--bids-filter-file`` is malformed or names an unknown entity: a usage error, exit 2
-    (as the command-line parser's ``UsageError``)."""
-
-    exit_code = 2
-
-
-class BIDSMissingInputError(BIDSError):
-    """``BIDS_DIR`` or the filter file does not exist, or the dataset has no participants: 66."""
-
-    exit_code = 66
-
-
-def _one_line(text: object) -> str:
-    """Collapse whitespace so that a message from a library fits on one line."""
-    return " ".join(str(text).split())
+#: The pybids query of each anatomical suffix we register, by ``--bids-filter-file`` name
+#: (``t1w``, ``t2w``, ``flair``, ``pdw``, ``ct``): sMRIPrep's anatomical queries (as
+#: niworkflows' ``DEFAULT_BIDS_QUERIES`` for t1w/t2w/flair). ``part: ['mag', None]`` keeps the
+#: phase (real, imaginary) part of a complex-valued acquisition out: only its magnitude, or an
+#: image without ``part-``, is registered. ``collect_data`` adds ``.nii``/``.nii.gz``.
+ANAT_QUERIES = {
+    query_name(suffix): {"datatype": "anat", "suffix": suffix, "part": ["mag", None]}
+    for suffix in SUFFIX_MODALITY
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,13 +84,16 @@ def load_layout(bids_dir: str | os.PathLike, database_dir: str | os.PathLike | N
 
     ``database_dir`` (``--bids-database-dir``): pybids' SQLite index is stored there and reused
     on the next run; an index that was built for another dataset is rebuilt.
+
+    (niworkflows' layout helper is private, and neither rebuilds a stale database nor turns
+    pybids' errors into exit-coded one-liners.)
     """
     from bids import BIDSLayout
     from bids.layout.validation import BIDSValidationError as PyBIDSValidationError
 
     root = Path(bids_dir).absolute()
     if not root.is_dir():
-        raise BIDSMissingInputError(f"BIDS dataset folder not found: {root}")
+        raise MissingInputError(f"BIDS dataset folder not found: {root}")
     kwargs = {"validate": validate}
     if database_dir is not None:
         database_dir = Path(database_dir).absolute()
@@ -117,20 +106,20 @@ def load_layout(bids_dir: str | os.PathLike, database_dir: str | os.PathLike | N
                         database_dir, layout.root, root)
             layout = BIDSLayout(str(root), reset_database=True, **kwargs)
     except PyBIDSValidationError as exc:
-        first = _one_line(str(exc).split("\n")[0])
+        first = one_line(str(exc).split("\n")[0])
         raise BIDSValidationError(
             f"{root} is not a valid BIDS dataset: {first} "
             "(fix the dataset, or run with --skip-bids-validation)") from None
     except (OSError, ValueError) as exc:
         raise BIDSValidationError(
-            f"cannot index the BIDS dataset {root}: {_one_line(exc)}") from None
+            f"cannot index the BIDS dataset {root}: {one_line(exc)}") from None
     return layout
 
 
 def strip_prefix(label: str, prefix: str) -> str:
     """``"sub-01"`` -> ``"01"`` for ``prefix="sub-"``; labels without the prefix are unchanged."""
     label = str(label).strip()
-    return label[len(prefix):] if label.startswith(prefix) else label
+    return label.removeprefix(prefix)
 
 
 def _unique(values: Iterable[str]) -> list[str]:
@@ -141,29 +130,37 @@ def participants(layout, labels: Sequence[str] = ()) -> list[str]:
     """The participant labels to process (without ``sub-``), in the order given.
 
     ``labels`` may carry the ``sub-`` prefix or not; empty selects every participant of the
-    dataset (sorted). An unknown label raises :class:`BIDSSelectionError` (exit 18) naming the
+    dataset (sorted). An unknown label raises :class:`NoDataError` (exit 18) naming the
     missing labels and the available ones; a dataset without any participant raises
-    :class:`BIDSMissingInputError` (exit 66).
+    :class:`MissingInputError` (exit 66).
     """
-    available = sorted(layout.get_subjects())
-    if not available:
-        raise BIDSMissingInputError(
-            f"no participants (sub-*) found in the BIDS dataset {layout.root}")
-    if not labels:
-        return available
+    from niworkflows.utils.bids import BIDSError, collect_participants
+
     wanted = _unique(strip_prefix(label, "sub-") for label in labels)
-    missing = [label for label in wanted if label not in available]
-    if missing:
-        raise BIDSSelectionError(
+    try:
+        found = collect_participants(layout, participant_label=wanted, strict=True)
+    except BIDSError:
+        # niworkflows raises a multi-line banner without an exit code, for both cases: say it on
+        # one line, with the BIDS-App code
+        available = sorted(layout.get_subjects())
+        if not available:
+            raise MissingInputError(
+                f"no participants (sub-*) found in the BIDS dataset {layout.root}") from None
+        raise NoDataError(
             "participant label(s) not found in {}: {}; available: {}".format(
-                layout.root, ", ".join(missing), ", ".join(available)))
-    return wanted
+                layout.root, ", ".join(label for label in wanted if label not in available),
+                ", ".join(available))) from None
+    # niworkflows sorts the labels; ours keep the order they were given in (all exist: strict)
+    return wanted or found
 
 
 def sessions_of(layout, participant: str, labels: Sequence[str] = ()) -> list[str | None]:
     """The sessions of ``participant`` to process: all of them (sorted), or those of ``labels``
     (with or without ``ses-``) that the participant has. A participant without sessions gives
-    ``[None]`` when no session was asked for, and ``[]`` when some were (nothing matches)."""
+    ``[None]`` when no session was asked for, and ``[]`` when some were (nothing matches).
+
+    (niworkflows has no such listing: ``collect_data`` takes the session, it does not list them;
+    and a session without images must still be reported.)"""
     available = sorted(layout.get_sessions(subject=participant))
     wanted = _unique(strip_prefix(label, "ses-") for label in labels)
     if not available:
@@ -177,13 +174,9 @@ def sessions_of(layout, participant: str, labels: Sequence[str] = ()) -> list[st
 # Filters
 # --------------------------------------------------------------------------------------------
 
-def query_name(suffix: str) -> str:
-    """The ``--bids-filter-file`` key of a suffix: ``T1w`` -> ``t1w``, ``FLAIR`` -> ``flair``."""
-    return suffix.lower()
-
-
 def _filter_value(value):
-    """JSON filter value -> pybids query value: ``null`` -> Query.NONE, ``"*"`` -> Query.ANY."""
+    """JSON filter value -> pybids query value: ``null`` -> Query.NONE, ``"*"`` -> Query.ANY
+    (fMRIPrep does this while parsing the file; ``collect_data`` expects it done)."""
     from bids.layout import Query
 
     if value is None:
@@ -230,22 +223,6 @@ def normalize_filters(filters: Mapping | None) -> dict[str, dict]:
     return normalized
 
 
-def load_bids_filters(path: str | os.PathLike) -> dict:
-    """Read a ``--bids-filter-file`` (JSON) as plain data (see :func:`normalize_filters`).
-
-    Missing file: exit 66; not JSON or not an object: exit 2."""
-    path = Path(path)
-    if not path.is_file():
-        raise BIDSMissingInputError(f"BIDS filter file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BIDSFilterError(
-            f"BIDS filter file {path} is not valid JSON: {_one_line(exc)}") from None
-    normalize_filters(data)  # validate now, so that mistakes surface at parse time
-    return data
-
-
 def _matches(label: str | None, wanted, prefix: str) -> bool:
     """Whether a subject/session label satisfies a (normalized) filter value; values may carry
     the ``sub-``/``ses-`` ``prefix``."""
@@ -264,23 +241,17 @@ def _matches(label: str | None, wanted, prefix: str) -> bool:
 # Collection
 # --------------------------------------------------------------------------------------------
 
-def _query(layout, participant: str, session: str | None, suffix: str, entities: dict) -> list[str]:
-    from bids.layout import Query
-
-    query = {"datatype": "anat", "suffix": suffix, "extension": list(NIFTI_EXTENSIONS)}
-    scope = dict(entities)
+def _scoped(entities: Mapping, participant: str, session: str | None) -> dict | None:
+    """``entities`` without ``subject``/``session``, or None when those exclude this participant
+    or session. Our own check: a filter file serves every participant and session, so a filter
+    that names another one selects nothing here, where niworkflows' ``collect_data`` raises
+    (it also refuses ``"*"`` and lists that merely include the session collected)."""
+    scoped = dict(entities)
     for reserved, label, prefix in (("subject", participant, "sub-"),
                                     ("session", session, "ses-")):
-        # filters may narrow subject/session, never widen them
-        if reserved in scope and not _matches(label, scope.pop(reserved), prefix):
-            return []
-    query.update(scope)
-    query.update(subject=participant, session=session if session is not None else Query.NONE)
-    try:
-        files = layout.get(return_type="file", **query)
-    except ValueError as exc:  # pybids: unknown entity
-        raise BIDSFilterError(f"BIDS filter for {query_name(suffix)!r}: {_one_line(exc)}") from None
-    return sorted(str(Path(f).absolute()) for f in files)
+        if reserved in scoped and not _matches(label, scoped.pop(reserved), prefix):
+            return None
+    return scoped
 
 
 def collect_anatomicals(layout, participant: str, *, suffixes: Sequence[str] = ("T1w",),
@@ -291,23 +262,42 @@ def collect_anatomicals(layout, participant: str, *, suffixes: Sequence[str] = (
     - ``session`` keys are labels without ``ses-`` (sorted), or ``None`` for a participant
       without sessions. ``sessions`` restricts them (with or without ``ses-``); a participant
       without sessions then gives ``{}``.
-    - Each suffix is queried with ``datatype=anat``, extension ``.nii``/``.nii.gz``, plus the
-      entities of ``filters[query_name(suffix)]`` (``--bids-filter-file`` data, raw JSON or
-      already normalized; ``null`` = entity absent, ``"*"`` = any value). Filter entries may
-      override ``datatype``/``extension``; ``subject``/``session`` in a filter only narrow.
+    - Each session is collected by niworkflows' ``collect_data`` with the :data:`ANAT_QUERIES`
+      of ``suffixes``, updated (as in fMRIPrep) with ``filters[query_name(suffix)]``
+      (``--bids-filter-file`` data, raw or normalized; ``null`` = entity absent, ``"*"`` = any
+      value): filter entries override the query's (``part``, ``extension``...), while
+      ``subject``/``session`` in a filter only narrow.
     - Every requested suffix has a key; a session or suffix without usable images maps to an
       empty list. Nothing is raised for empty entries: the caller reports or skips them
       (see :func:`has_images`), so one incomplete session does not stop the others.
     """
+    from bids.layout import Query
+    from niworkflows.utils.bids import collect_data
+
     normalized = normalize_filters(filters)
     participant = strip_prefix(participant, "sub-")
+    names = {suffix: query_name(suffix) for suffix in suffixes}
     found: dict[str | None, dict[str, list[str]]] = {}
     for session in sessions_of(layout, participant, sessions):
-        found[session] = {
-            suffix: _query(layout, participant, session, suffix,
-                           normalized.get(query_name(suffix), {}))
-            for suffix in suffixes
-        }
+        queries, scoped = {}, {}
+        for name in names.values():
+            entities = _scoped(normalized.get(name, {}), participant, session)
+            if entities is not None:  # else the filter names another participant or session
+                # a fresh copy: collect_data updates its queries in place
+                queries[name], scoped[name] = copy.deepcopy(ANAT_QUERIES[name]), entities
+        collected: dict[str, list[str]] = {}
+        if queries:
+            try:
+                collected, _ = collect_data(
+                    layout, participant, bids_filters=scoped, queries=queries,
+                    session_id=session if session is not None else Query.NONE)
+            except ValueError as exc:  # pybids: a filter names an unknown entity; say which
+                known = set(layout.get_entities())
+                culprits = [name for name, entities in scoped.items()
+                            if entities and set(entities) - known]
+                where = f" for {', '.join(map(repr, culprits))}" if culprits else ""
+                raise BIDSFilterError(f"BIDS filter{where}: {one_line(exc)}") from None
+        found[session] = {suffix: collected.get(name, []) for suffix, name in names.items()}
     return found
 
 
