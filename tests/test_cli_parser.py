@@ -1,6 +1,7 @@
 """The ``ugi-bids`` command line (``ugi_bids.cli.parser``): every option lands in ``Config``, bad
 input ends in one line and the BIDS-App exit code, and parsing creates nothing. Fast: no
-workflow runs, no torch import.
+workflow runs, no torch import. Errors go through ``ugi_bids.cli.run.main`` in-process, as the
+console script runs it; one test runs the console entry point itself.
 
 ``ugi_bids.utils.templates`` (space syntax) is replaced by a small stand-in in every test, so
 these tests check what the parser hands over and does with the answers; the last test runs the
@@ -9,10 +10,10 @@ real module when it is importable.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -22,12 +23,11 @@ import pytest
 
 import ugi_bids
 import ugi_bids.utils
+from ugi_bids import errors
 from ugi_bids.cli import parser as cli
-from ugi_bids.cli.config import SUFFIX_MODALITY, Config, SpaceSpec
-from ugi_bids.engine.errors import UgiError
-
-ENGINE = Path(ugi_bids.__file__).parent / "engine"
-
+from ugi_bids.cli import run as cli_run
+from ugi_bids.config import SUFFIX_MODALITY, Config, SpaceSpec
+from ugi_bids.errors import UgiError
 
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers.
@@ -90,14 +90,15 @@ def snapshot(folder: Path) -> list[str]:
 
 
 def fails(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit code and stderr of a command line that must fail through parse_args_or_exit."""
-    with pytest.raises(SystemExit) as info:
-        cli.parse_args_or_exit(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ugi-bids: error: "), err
-    assert "Traceback" not in err
-    return info.value.code, lines[0]
+    """Exit code and stderr line of a command line that must fail before any work, run as the
+    ``ugi-bids`` console script runs it (``ugi_bids.cli.run.main``), in this process."""
+    code = cli_run.main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ugi-bids: error: "), captured.err
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert code != 0
+    return code, lines[0]
 
 
 def write(path: Path, text: str) -> str:
@@ -124,9 +125,9 @@ def test_defaults(site):
     assert config.precision == "float32" and config.io_checkpointing == "auto"
     assert (config.nprocs, config.omp_nthreads, config.mem_gb, config.plugin) == \
         (None, None, None, None)
-    assert not any((config.sloppy, config.skip_bids_validation, config.clean_workdir,
-                    config.stop_on_first_crash, config.resource_monitor,
-                    config.boilerplate_only, config.reports_only, config.notrack))
+    assert (config.sloppy, config.skip_bids_validation, config.clean_workdir,
+            config.stop_on_first_crash, config.resource_monitor, config.boilerplate_only,
+            config.reports_only, config.notrack) == (False,) * 8
     assert config.verbose == 0 and config.bids_filters == {}
     assert snapshot(site) == before  # parsing creates nothing
     assert parse(level="group").analysis_level == "group"
@@ -143,29 +144,47 @@ def test_every_flag(site, tmp_path):
         "--output-spaces", "MNI152NLin6Asym:res-2", "--anat-suffixes", "T1w", "T2w", "CT",
         "--nprocs", "8", "--omp-nthreads", "4", "--mem", "16G", "--use-plugin", plugin,
         "--sloppy", "-w", "scratch", "--clean-workdir", "--stop-on-first-crash",
-        "--resource-monitor", "--boilerplate-only", "--reports-only", "--notrack", "-vv",
+        "--resource-monitor", "--boilerplate-only", "--notrack", "-vv",
         "--model", "multigradicon", "--weights", str(weights), "--io-iterations", "0",
         "--io-similarity", "mind", "--prealign", "header", "--device", "cpu",
-        "--precision", "tf32", "--io-checkpointing", "off", "--gpu-procs", "2", "--template", "study=tpl.nii.gz,mask=mask.nii.gz")
+        "--precision", "tf32", "--io-checkpointing", "off", "--gpu-procs", "2",
+        "--template", "study=tpl.nii.gz,mask=mask.nii.gz")
     assert config.participant_label == ["01", "02"] and config.session_label == ["A", "B"]
     assert config.bids_filters == {"t1w": {"acq": "mprage", "rec": None}}
-    assert config.bids_database_dir == site / "db" and config.skip_bids_validation
+    assert config.bids_database_dir == site / "db" and config.skip_bids_validation is True
     assert [(s.name, s.resolution, s.path, s.mask) for s in config.output_spaces] == [
         ("MNI152NLin6Asym", "2", None, None),
         ("study", None, site / "tpl.nii.gz", site / "mask.nii.gz")]
     assert config.anat_suffixes == ["T1w", "T2w", "CT"]
     assert (config.nprocs, config.omp_nthreads, config.mem_gb) == (8, 4, 16.0)
     assert config.plugin == {"plugin": "Linear", "plugin_args": {}}
-    assert config.sloppy and config.network_size < 175
+    assert config.sloppy is True and config.network_size == 65
     assert config.work_dir == site / "scratch"
-    assert all((config.clean_workdir, config.stop_on_first_crash, config.resource_monitor,
-                config.boilerplate_only, config.reports_only, config.notrack))
+    assert (config.clean_workdir, config.stop_on_first_crash, config.resource_monitor,
+            config.boilerplate_only, config.reports_only, config.notrack) == \
+        (True, True, True, True, False, True)
     assert config.verbose == 2
     assert (config.model, config.weights, config.io_iterations, config.io_similarity,
             config.prealign, config.device, config.gpu_procs) == \
         ("multigradicon", weights, 0, "mind", "header", "cpu", 2)
     assert config.precision == "tf32" and config.io_checkpointing == "off"
-    json.dumps(config.to_dict())  # provenance-ready
+    assert json.loads(json.dumps(config.to_dict()))["weights"] == str(weights)  # provenance
+
+
+def test_reports_only_is_refused(site, capsys):
+    before = snapshot(site)
+    code, line = fails(["bids", "out", "participant", "--reports-only"], capsys)
+    assert code == 2 and line == ("ugi-bids: error: --reports-only: reports are not "
+                                  "implemented yet; run without it")
+    assert snapshot(site) == before
+
+
+def test_parse_args_or_exit(site, capsys):
+    assert cli.parse_args_or_exit(["bids", "out", "participant"]).output_dir == site / "out"
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args_or_exit(["bids", "out", "level3"])
+    assert info.value.code == 17
+    assert capsys.readouterr().err.startswith("ugi-bids: error: unknown analysis level")
 
 
 @pytest.mark.parametrize("flags, field, value", [
@@ -314,18 +333,20 @@ def test_help_has_the_nipreps_groups(capsys):
         assert title in out
 
 
-def test_errors_in_a_real_process(site):
-    """As a user sees it: one line on stderr, the exit code, no traceback, nothing created."""
+def test_console_entry_point(site):
+    """As a user sees it: the installed ``ugi-bids`` script (else ``python -m``) prints one line
+    on stderr and exits with the code; no traceback, nothing created."""
     before = snapshot(site)
     env = {**os.environ, "PYTHONPATH": str(Path(ugi_bids.__file__).parents[1])}
-    for argv, code in ((["bids", "bids/derivatives", "participant"], 2),
-                       (["bids", "out", "level3"], 17),
-                       (["bids", "out", "participant", "--weights", "none.pt"], 66)):
-        result = subprocess.run([sys.executable, "-m", "ugi_bids.cli.parser", *argv],
-                                capture_output=True, text=True, cwd=site, env=env, timeout=60)
-        assert result.returncode == code, result.stderr
-        assert result.stdout == "" and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+    script = shutil.which("ugi-bids", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "ugi_bids.cli.run"]
+    result = subprocess.run([*command, "bids", "out", "participant", "--weights", "none.pt"],
+                            capture_output=True, text=True, cwd=site, env=env, timeout=120,
+                            check=False)
+    assert result.returncode == 66, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith("ugi-bids: error: --weights ") and \
+        len(result.stderr.strip().splitlines()) == 1
     assert snapshot(site) == before
 
 
@@ -408,16 +429,25 @@ def test_missing_plugin_file_exits_66(site, capsys):
 
 
 CONFIG = """\
-io-iterations = 10
+[execution]
+participant_label = ["sub-03", "04"]
+work_dir = "scratch"
+verbose = 2
+
+[workflow]
+io_iterations = 10
 io_similarity = "lncc2"
 sloppy = true
-verbose = 2
-mem = "8G"
-nthreads = 4
-participant-label = ["sub-03", "04"]
-output-spaces = ["MNI152NLin6Asym:res-2"]
-template = ["study=tpl.nii.gz"]
-work-dir = "scratch"
+output_spaces = ["MNI152NLin6Asym:res-2"]
+templates = ["study=tpl.nii.gz"]
+
+[nipype]
+mem_gb = 8
+nprocs = 4
+
+[environment]
+version = "0.0.1"
+weights = "/gone/Step_2_final.trch"
 """
 
 
@@ -427,8 +457,10 @@ def test_config_file_values_are_defaults(site):
     assert (config.io_iterations, config.io_similarity, config.sloppy, config.verbose,
             config.mem_gb, config.nprocs) == (10, "lncc2", True, 2, 8.0, 4)
     assert config.participant_label == ["03", "04"]
-    assert [s.name for s in config.output_spaces] == ["MNI152NLin6Asym", "study"]
+    assert [(s.name, s.resolution, s.path) for s in config.output_spaces] == [
+        ("MNI152NLin6Asym", "2", None), ("study", None, site / "tpl.nii.gz")]
     assert config.work_dir == site / "scratch"
+    assert config.weights is None  # [environment] is a record, not a setting
 
 
 def test_command_line_overrides_config_file(site):
@@ -436,42 +468,75 @@ def test_command_line_overrides_config_file(site):
     config = parse("--io-iterations", "5", "--config-file", path, "-v", "--mem", "2000",
                    "--participant-label", "05", "--template", "other=o.nii.gz", "-w", "w2")
     assert (config.io_iterations, config.verbose, config.mem_gb) == (5, 1, 2.0)
-    assert config.io_similarity == "lncc2" and config.sloppy  # still from the file
+    assert (config.io_similarity, config.sloppy) == ("lncc2", True)  # still from the file
     assert config.participant_label == ["05"]
     # repeatable options on the command line replace the file's, they do not add to them
     assert [s.name for s in config.output_spaces] == ["MNI152NLin6Asym", "other"]
     assert config.work_dir == site / "w2"
 
 
+def test_config_file_filters_and_plugin(site):
+    path = write(site / "ugi.toml", """\
+[execution]
+bids_filters = '{"t1w": {"acq": "mprage", "rec": null}}'
+[nipype]
+plugin = {plugin = "multiproc", plugin_args = {n_procs = 3, memory_gb = 6}}
+""")
+    config = parse("--config-file", path)
+    assert config.bids_filters == {"t1w": {"acq": "mprage", "rec": None}}
+    assert config.plugin == {"plugin": "MultiProc", "plugin_args": {"n_procs": 3, "memory_gb": 6}}
+    assert (config.nprocs, config.mem_gb) == (3, 6.0)
+
+
 @pytest.mark.parametrize("text, phrase", [
-    ("io-iterations = ", "not valid TOML"),
-    ("iterations = 3", "unknown option 'iterations'"),
-    ("config-file = 'other.toml'", "unknown option 'config-file'"),
-    ("version = true", "unknown option 'version'"),
-    ("bids_dir = 'bids'", "unknown option 'bids_dir'"),
-    ("io-iterations = -1", "--io-iterations"),
-    ("sloppy = 'yes'", "true or false"),
-    ("prealign = ['affine', 'none']", "a single value"),
-    ("device = 'gpu'", "--device"),
-    ("output-spaces = [[1]]", "string or a number"),
-    ("[registration]\nio-iterations = 3", "unknown option 'registration'"),
+    ("[workflow]\nio_iterations = ", "not valid TOML"),
+    ("io_iterations = 3", "'io_iterations' is outside any section; it belongs in [workflow]"),
+    ("[registration]\nio_iterations = 3", "unknown section [registration]"),
+    ("[workflow]\niterations = 3", "unknown key 'iterations' in [workflow]"),
+    ("[workflow]\nio-iterations = 3", "did you mean io_iterations?"),
+    ("[workflow]\nnprocs = 3", "nprocs belongs in [nipype]"),
+    ("[execution]\nconfig_file = 'other.toml'", "unknown key 'config_file'"),
+    ("[workflow]\nio_iterations = -1", "[workflow] io_iterations must be an integer >= 0"),
+    ("[nipype]\nnprocs = true", "[nipype] nprocs must be an integer >= 1, got true"),
+    ("[nipype]\nmem_gb = '16G'", "[nipype] mem_gb must be a number of GB above zero"),
+    ("[workflow]\nsloppy = 'yes'", "true or false"),
+    ("[workflow]\nprealign = ['affine', 'none']", "[workflow] prealign must be a string"),
+    ("[nipype]\ndevice = 'gpu'", "[nipype] device must be one of auto, cpu, cuda"),
+    ("[workflow]\noutput_spaces = [[1]]", "a list of strings"),
+    ("[workflow]\noutput_spaces = ['MNI152NLin6Asym:den-91k']", "output_spaces: invalid space"),
+    ("[workflow]\nanat_suffixes = ['T1map']", "anat_suffixes must be a list of T1w"),
+    ("[execution]\nparticipant_label = ['sub-01_ses-1']", "invalid label"),
+    ("[execution]\nbids_filters = {bold = {task = 'rest'}}", "unknown query 'bold'"),
+    ("[execution]\nbids_filters = '{oops'", "a table, or a JSON object in a string"),
+    ("[nipype]\nplugin = {plugin = 'Dask'}", "unsupported plugin 'Dask'"),
+    ("[execution]\nreports_only = true", "reports are not implemented yet"),
+    ("[workflow]\noutput_spaces = []", "no output space"),
 ])
 def test_bad_config_file(site, capsys, text, phrase):
     path = write(site / "ugi.toml", text)
     code, line = fails(["bids", "out", "participant", "--config-file", path], capsys)
-    assert code == 2 and "--config-file" in line and phrase in line
+    assert code == 2 and phrase in line
+    if "reports" not in phrase and "no output space" not in phrase:
+        assert line.startswith(f"ugi-bids: error: --config-file {path}")
 
 
 def test_missing_config_file_exits_66(site, capsys):
     code, line = fails(["bids", "out", "participant", "--config-file", "no.toml"], capsys)
-    assert code == 66 and "--config-file" in line
+    assert code == 66 and line == (f"ugi-bids: error: --config-file {site / 'no.toml'} does "
+                                   "not exist")
 
 
 def test_config_file_options_get_the_same_checks(site, capsys):
-    path = write(site / "ugi.toml", 'weights = "missing.trch"\n')
-    assert fails(["bids", "out", "participant", "--config-file", path], capsys)[0] == 66
-    path = write(site / "ugi.toml", 'work-dir = "bids/work"\n')
+    path = write(site / "ugi.toml", '[workflow]\nweights = "missing.trch"\n')
+    code, line = fails(["bids", "out", "participant", "--config-file", path], capsys)
+    assert code == 66 and "--weights" in line
+    path = write(site / "ugi.toml", '[execution]\nwork_dir = "bids/work"\n')
+    code, line = fails(["bids", "out", "participant", "--config-file", path], capsys)
+    assert code == 2 and "inside BIDS_DIR" in line
+    path = write(site / "ugi.toml", '[nipype]\nnprocs = 2\nomp_nthreads = 4\n')
     assert fails(["bids", "out", "participant", "--config-file", path], capsys)[0] == 2
+    path = write(site / "ugi.toml", '[execution]\nbids_dir = "nowhere"\n')
+    assert parse("--config-file", path).bids_dir == site / "bids"  # positionals win
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,38 +609,31 @@ def test_real_templates_module(site, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# The choices match the engine's (read from the source: no torch import).
+# The choices are the engine's (ugi_bids.engine.options, one table for every front end).
 
 
-def _assigned(path: Path, name: str):
-    for node in ast.parse(path.read_text()).body:
-        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
-        if any(getattr(t, "id", None) == name for t in targets):
-            return node.value
-    raise AssertionError(f"{name} not found in {path}")
+def _choices(parser, dest: str) -> tuple:
+    return tuple(next(a for a in parser._actions if a.dest == dest).choices)
 
 
-def test_choices_match_the_engine():
-    from ugi_bids.engine.weights import MODELS
+def test_choices_are_the_engines():
+    from ugi_bids.cli.register import build_parser as build_register_parser
+    from ugi_bids.engine import options
+    from ugi_bids.engine.model.weights import MODELS
+    from ugi_bids.engine.optimise import similarity
 
-    assert set(cli.MODELS) == set(MODELS)
-    assert tuple(ast.literal_eval(_assigned(ENGINE / "register.py", "PREALIGN_MODES"))) == \
-        cli.PREALIGN_MODES
-    similarities = _assigned(ENGINE / "similarity.py", "SIMILARITIES")
-    assert [key.value for key in similarities.keys] == list(cli.SIMILARITIES)
+    assert tuple(MODELS) == options.MODELS
+    assert tuple(similarity._FUNCTIONS) == options.SIMILARITIES
+    for parser in (cli.build_parser(), build_register_parser()):
+        assert _choices(parser, "model") == options.MODELS
+        assert _choices(parser, "prealign") == options.PREALIGN_MODES
+        assert _choices(parser, "io_similarity") == options.SIMILARITIES
+        assert _choices(parser, "precision") == options.PRECISIONS
+        assert _choices(parser, "io_checkpointing") == tuple(options.IO_CHECKPOINTING)
     assert set(cli.FILTER_QUERIES.values()) == set(SUFFIX_MODALITY)
 
 
 def test_errors_are_ugi_errors():
-    assert issubclass(cli.UsageError, UgiError) and cli.UsageError.exit_code == 2
-    assert issubclass(cli.AnalysisLevelError, cli.UsageError)
-    assert cli.AnalysisLevelError.exit_code == 17
-
-
-def test_precision_choices_are_the_engines():
-    """The parser keeps its own copy (no torch import at parse time); it must not drift."""
-    from ugi_bids.engine.inference import IO_CHECKPOINTING
-    from ugi_bids.engine.precision import PRECISIONS
-
-    assert cli.PRECISIONS == PRECISIONS
-    assert cli.IO_CHECKPOINTING == tuple(IO_CHECKPOINTING)
+    assert issubclass(errors.UsageError, UgiError) and errors.UsageError.exit_code == 2
+    assert issubclass(errors.AnalysisLevelError, errors.UsageError)
+    assert errors.AnalysisLevelError.exit_code == 17

@@ -2,68 +2,86 @@
 
 NiPreps-style options (fMRIPrep/sMRIPrep users will recognise the names and the help groups) plus
 the registration options of ``ugi-register``. :func:`parse_args` turns a command line (and an
-optional ``--config-file``) into a :class:`~ugi_bids.cli.config.Config`; nothing is created or
+optional ``--config-file``) into a :class:`~ugi_bids.config.Config`; nothing is created or
 written while parsing.
 
 Errors. :func:`parse_args` never exits on bad input: it raises a
-:class:`~ugi_bids.engine.errors.UgiError` whose ``str()`` is one line and whose ``exit_code``
+:class:`~ugi_bids.errors.UgiError` whose ``str()`` is one line and whose ``exit_code``
 follows the BIDS-App draft:
 
 * :class:`UsageError` (exit 2, argparse's own code, one of the draft's "2/64"): bad syntax, bad
-  option values, unreadable JSON/YAML/TOML, ``OUTPUT_DIR``/``-w``/``--bids-database-dir`` inside
-  ``BIDS_DIR``;
+  option values, unreadable JSON/YAML/TOML, unknown sections or keys in a ``--config-file``,
+  ``OUTPUT_DIR``/``-w``/``--bids-database-dir`` inside ``BIDS_DIR``, ``--reports-only`` (not
+  implemented yet);
 * :class:`AnalysisLevelError` (exit 17): an analysis level other than ``participant``/``group``;
-* :class:`~ugi_bids.engine.errors.MissingInputError` (exit 66): ``BIDS_DIR``, ``--config-file``,
+* :class:`~ugi_bids.errors.MissingInputError` (exit 66): ``BIDS_DIR``, ``--config-file``,
   ``--bids-filter-file`` or ``--use-plugin`` missing;
-  :class:`~ugi_bids.engine.errors.WeightsError` (exit 66): ``--weights`` missing;
-* :class:`~ugi_bids.engine.errors.OutputError` (exit 73): ``OUTPUT_DIR`` or ``-w`` is a file.
+  :class:`~ugi_bids.errors.WeightsError` (exit 66): ``--weights`` missing;
+* :class:`~ugi_bids.errors.OutputError` (exit 73): ``OUTPUT_DIR`` or ``-w`` is a file.
 
 Only ``--help`` and ``--version`` raise ``SystemExit(0)`` (argparse prints them). A runner either
-catches :class:`UgiError` and calls :func:`report_error`, or calls :func:`parse_args_or_exit`,
+runs under :func:`ugi_bids.errors.guarded`, or calls :func:`parse_args_or_exit`,
 which prints ``ugi-bids: error: <one line>`` on stderr and exits with the code.
 
 Defaults live in :class:`Config` only: the parser uses ``argparse.SUPPRESS`` defaults, so the
 parsed namespace holds exactly the options that were given. That is what lets ``--config-file``
 values act as defaults that explicit command-line flags override (repeatable and counted options
 included: ``--template`` or ``-v`` on the command line replace the file's, they do not add to them).
+
+The config file is the TOML that :meth:`Config.to_toml` writes (sections ``[execution]``,
+``[workflow]``, ``[nipype]``; see :mod:`ugi_bids.config`), read by
+:func:`ugi_bids.config.read_settings`; every run writes one per participant, and it reproduces
+the run. The command line and the file both become settings (:func:`command_line_settings`,
+:func:`read_config_file`), merged setting by setting, then checked together
+(:func:`settings_to_config`), so a value gets the same checks wherever it comes from.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
 import sys
-import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any
 
 from .. import __version__
-from ..engine.errors import MissingInputError, OutputError, UgiError, WeightsError
-from .config import SUFFIX_MODALITY, Config, SpaceSpec
+from ..config import (
+    ANALYSIS_LEVELS,
+    FILTER_QUERIES,
+    PLUGINS,
+    SUFFIX_MODALITY,
+    Config,
+    absolute,
+    bids_label,
+    check_bids_filters,
+    check_plugin,
+    parse_spaces,
+    parse_templates,
+    read_settings,
+)
+from ..engine.options import (
+    DEVICES,
+    IO_CHECKPOINTING,
+    MODELS,
+    PREALIGN_MODES,
+    PRECISIONS,
+    SIMILARITIES,
+)
+from ..errors import (
+    AnalysisLevelError,
+    MissingInputError,
+    OutputError,
+    UgiError,
+    UsageError,
+    WeightsError,
+    one_line,
+    report,
+)
 
 PROG = "ugi-bids"
-ANALYSIS_LEVELS = ("participant", "group")
-#: ``--bids-filter-file`` query names and the BIDS suffix each one selects.
-FILTER_QUERIES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "pdw": "PDw", "ct": "CT"}
-#: Nipype execution plugins ``--use-plugin`` accepts.
-PLUGINS = ("MultiProc", "Linear", "SLURM", "SLURMGraph", "SGE", "PBS", "LSF")
-#: Choices of the registration options; kept equal to the engine's (a test checks), spelled out
-#: here so that ``--help`` does not import torch.
-MODELS = ("unigradicon", "multigradicon")
-SIMILARITIES = ("lncc", "lncc2", "mind")
-PREALIGN_MODES = ("none", "header", "affine")
-DEVICES = ("auto", "cpu", "cuda")
-#: Network precisions (the engine's ugi_bids.engine.precision.PRECISIONS; kept here so that
-#: parsing the command line does not import torch).
-PRECISIONS = ("float32", "tf32")
-#: Activation checkpointing in IO (the engine's ugi_bids.engine.inference.IO_CHECKPOINTING).
-IO_CHECKPOINTING = ("auto", "on", "off")
-#: Options that make no sense inside a ``--config-file``.
-_NOT_IN_CONFIG_FILE = ("help", "version", "config_file")
-_LABEL = re.compile(r"[A-Za-z0-9]+")
 _MEMORY = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?:(?P<unit>[KMGT])B?)?", re.IGNORECASE)
 _GB_PER_UNIT = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
 
@@ -77,25 +95,21 @@ exit codes (BIDS-App draft): 0 success, 1 failure, 2 usage error, 16 BIDS valida
 17 unknown analysis level, 18 the filters selected no files, 65 unusable data, 66 missing input
 (data, weights, files named by options), 73 cannot create an output, 74 I/O error.
 
---config-file takes a TOML file whose keys are the long option names without the dashes, e.g.
-    output-spaces = ["MNI152NLin2009cAsym", "MNI152NLin6Asym:res-2"]
-    io-iterations = 10
+--config-file takes the TOML file every run writes (OUTPUT_DIR/sub-<label>/log/<run_uuid>/
+ugi-bids.toml), or one of your own with any of its keys: [execution] paths, selection and flags,
+[workflow] spaces, templates and registration, [nipype] resources, plugin and device; e.g.
+    [workflow]
+    output_spaces = ["MNI152NLin2009cAsym", "MNI152NLin6Asym:res-2"]
+    io_iterations = 10
     sloppy = true
+    [nipype]
+    nprocs = 8
+    mem_gb = 16
 Its values are defaults: options given on the command line override them. Relative paths in it
-are read from the current directory, as on the command line.
+are read from the current directory, as on the command line; [environment] is ignored.
 """
 
 
-class UsageError(UgiError):
-    """The command line (or a file it names) is malformed or asks for something refused: exit 2."""
-
-    exit_code = 2
-
-
-class AnalysisLevelError(UsageError):
-    """The analysis level is neither ``participant`` nor ``group``: exit 17 (BIDS-App draft)."""
-
-    exit_code = 17
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,11 +127,10 @@ def _label(prefix: str) -> Callable[[str], str]:
     """A BIDS label with an optional ``prefix`` (``sub-``/``ses-``) stripped."""
 
     def label(text: str) -> str:
-        value = text[len(prefix):] if text.startswith(prefix) else text
-        if not _LABEL.fullmatch(value):
-            raise argparse.ArgumentTypeError(
-                f"invalid label {text!r}: BIDS labels are letters and digits only")
-        return value
+        try:
+            return bids_label(text, prefix)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return label
 
@@ -166,17 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     Its namespace holds only the options given (SUPPRESS defaults); use :func:`parse_args` to
     get a validated :class:`Config` with the defaults filled in.
     """
-    return _build_parser(positionals=True)
-
-
-def _build_parser(positionals: bool) -> _Parser:
-    """The parser; without positionals it reads the options of a ``--config-file``."""
     parser = _Parser(
         prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=DESCRIPTION)
-    if positionals:
-        _add_positionals(parser)
+    _add_positionals(parser)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("-v", "--verbose", dest="verbose", action="count",
                         help="increases log verbosity for each occurrence (-v, -vv)")
@@ -306,30 +313,32 @@ def _add_other(parser: argparse.ArgumentParser) -> None:
                        help="path where intermediate results should be stored; reusing it "
                             "resumes a run (default: ./work; must be outside BIDS_DIR)")
     group.add_argument("--clean-workdir", dest="clean_workdir", action="store_true",
-                       help="clears the working directory of contents; use of this flag is not "
-                            "recommended when running concurrent processes of ugi-bids")
+                       help="after a successful run, remove this run's participants' folders "
+                            "from the work directory (nothing outside it; a failed run keeps "
+                            "them, to resume)")
     group.add_argument("--resource-monitor", dest="resource_monitor", action="store_true",
                        help="enable Nipype's resource monitoring to keep track of memory and "
                             "CPU usage")
     group.add_argument("--config-file", dest="config_file", metavar="FILE",
-                       help="a TOML file with options (keys: long option names, e.g. "
-                            "io-iterations = 10); options on the command line override it")
+                       help="a TOML file of settings, such as the ugi-bids.toml a run writes "
+                            "into OUTPUT_DIR/sub-<label>/log/<run_uuid>/ (see below); options "
+                            "on the command line override it")
     group.add_argument("--stop-on-first-crash", dest="stop_on_first_crash",
                        action="store_true",
                        help="force stopping on first crash, even if a work directory was "
                             "specified")
     group.add_argument("--boilerplate-only", "--boilerplate_only", dest="boilerplate_only",
                        action="store_true", help="generate boilerplate only")
+    # fMRIPrep's option, refused with one line until reports exist (hidden from --help)
     group.add_argument("--reports-only", dest="reports_only", action="store_true",
-                       help="only generate reports, don't run workflows; this will only rerun "
-                            "report aggregation, not reportlet generation for specific nodes")
+                       help=argparse.SUPPRESS)
     group.add_argument("--notrack", dest="notrack", action="store_true",
                        help="opt out of usage tracking (accepted so that fMRIPrep command "
                             "lines work unchanged)")
 
 
 # --------------------------------------------------------------------------------------------
-# Parsing.
+# Parsing: command line and --config-file -> settings -> checked Config.
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -342,9 +351,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     argv = list(sys.argv[1:] if argv is None else argv)
     given = vars(build_parser().parse_args(argv))
     check_analysis_level(given["analysis_level"])
-    options = {**read_config_file(given["config_file"]), **given} if "config_file" in given \
-        else given
-    return options_to_config(options)
+    settings = read_config_file(given.pop("config_file")) if "config_file" in given else {}
+    settings.update(command_line_settings(given))  # the command line overrides the file
+    return settings_to_config(settings)
 
 
 def parse_args_or_exit(argv: Sequence[str] | None = None) -> Config:
@@ -352,18 +361,7 @@ def parse_args_or_exit(argv: Sequence[str] | None = None) -> Config:
     try:
         return parse_args(argv)
     except UgiError as error:
-        raise SystemExit(report_error(error)) from None
-
-
-def report_error(error: UgiError, stream: TextIO | None = None) -> int:
-    """Print ``ugi-bids: error: <message>`` (one line) on ``stream`` (stderr); return the code."""
-    print(f"{PROG}: error: {one_line(str(error))}", file=stream or sys.stderr)
-    return error.exit_code
-
-
-def one_line(text: str) -> str:
-    """``text`` with its line breaks and runs of blanks collapsed to single spaces."""
-    return " ".join(str(text).split())
+        raise SystemExit(report(PROG, error)) from None
 
 
 def check_analysis_level(level: str) -> None:
@@ -373,120 +371,67 @@ def check_analysis_level(level: str) -> None:
             f"unknown analysis level {level!r}: choose one of {', '.join(ANALYSIS_LEVELS)}")
 
 
-# --------------------------------------------------------------------------------------------
-# --config-file (TOML).
-
-
 def read_config_file(path_text: str) -> dict[str, Any]:
-    """The options a ``--config-file`` sets, as parsed (converted and checked) values by dest.
+    """The settings a ``--config-file`` (TOML, :func:`ugi_bids.config.read_settings`) sets.
 
-    Each key/value is rewritten as command-line tokens and parsed by the same parser, so values
-    get exactly the checks they get on the command line.
+    ``run_uuid`` is dropped: it records the run that wrote the file, and a new run gets its own.
     """
     path = _existing_file(path_text, "--config-file")
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--config-file {path} is not valid TOML: {exc}") from None
-    parser = _build_parser(positionals=False)
-    tokens: list[str] = []
-    for key, value in table.items():
-        tokens += _config_tokens(parser, key, value, path)
-    try:
-        return vars(parser.parse_args(tokens))
-    except UsageError as exc:
-        raise UsageError(f"--config-file {path}: {exc}") from None
+    settings = read_settings(_read_text(path, "--config-file"), source=f"--config-file {path}")
+    settings.pop("run_uuid", None)
+    return settings
 
 
-def _config_action(parser: argparse.ArgumentParser, key: str, path: Path) -> argparse.Action:
-    """The option a config-file key names (``io-iterations``, ``io_iterations``, ``--mem``)."""
-    name = key.lstrip("-")
-    # argparse keeps the option-string index in a private attribute; it has not changed in years.
-    actions = parser._option_string_actions  # noqa: SLF001
-    action = actions.get(f"--{name}") or actions.get(f"--{name.replace('_', '-')}")
-    if action is None or action.dest in _NOT_IN_CONFIG_FILE:
-        raise UsageError(f"--config-file {path}: unknown option {key!r} (keys are long option "
-                         f"names without dashes, e.g. io-iterations; see '{PROG} --help')")
-    return action
+def command_line_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings the parsed options (dest -> value, only those given) set, in
+    :func:`~ugi_bids.config.read_settings`' form: option files read, paths absolute, spaces
+    parsed, repeats dropped."""
+    settings: dict[str, Any] = {}
+    for dest, value in given.items():
+        if dest == "bids_filter_file":
+            settings["bids_filters"] = load_bids_filters(value)
+        elif dest == "use_plugin":
+            settings["plugin"] = load_plugin(value)
+        elif dest == "output_spaces":
+            settings["output_spaces"] = parse_spaces(value, "--output-spaces")
+        elif dest == "template":
+            settings["templates"] = parse_templates(value, "--template")
+        elif dest in ("bids_dir", "output_dir", "work_dir", "bids_database_dir", "weights"):
+            settings[dest] = absolute(value)
+        elif dest in ("participant_label", "session_label", "anat_suffixes"):
+            settings[dest] = list(dict.fromkeys(value))  # drop repeats, keep the order
+        else:
+            settings[dest] = value
+    return settings
 
 
-def _config_tokens(parser: argparse.ArgumentParser, key: str, value: Any, path: Path) -> list:
-    """Command-line tokens equivalent to ``key = value`` in a config file."""
-    action = _config_action(parser, key, path)
-    flag = next(s for s in action.option_strings if s.startswith("--"))
-
-    def fail(expected: str):
-        return UsageError(f"--config-file {path}: {key} must be {expected}, got {value!r}")
-
-    if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
-        if not isinstance(value, bool):
-            raise fail("true or false")
-        return [flag] if value else []
-    if isinstance(action, argparse._CountAction):  # noqa: SLF001
-        if isinstance(value, bool):
-            value = int(value)
-        if not isinstance(value, int) or value < 0:
-            raise fail("a count (0, 1, 2...)")
-        return [flag] * value
-    items = value if isinstance(value, list) else [value]
-    if any(isinstance(item, (bool, dict, list)) for item in items):
-        raise fail("a string or a number (or a list of them)")
-    items = [str(item) for item in items]
-    if isinstance(action, argparse._AppendAction):  # noqa: SLF001
-        return [f"{flag}={item}" for item in items]
-    if action.nargs == "+":
-        return [flag, *items]
-    if isinstance(value, list):
-        raise fail("a single value")
-    return [f"{flag}={items[0]}"]
+def settings_to_config(settings: dict[str, Any]) -> Config:
+    """Check settings (from the command line and a config file) against the file system and
+    each other, and build the :class:`Config`; absent settings take its defaults."""
+    values = dict(settings)
+    bids_dir = values["bids_dir"] = _bids_dir(values["bids_dir"])
+    values["output_dir"] = _outside(values["output_dir"], bids_dir, "OUTPUT_DIR")
+    _refuse_file(values["output_dir"], "OUTPUT_DIR")
+    values["work_dir"] = _outside(values.get("work_dir", "work"), bids_dir,
+                                  "the work directory (-w)")
+    _refuse_file(values["work_dir"], "the work directory (-w)")
+    if values.get("bids_database_dir") is not None:
+        values["bids_database_dir"] = _outside(values["bids_database_dir"], bids_dir,
+                                               "--bids-database-dir")
+    if values.get("weights") is not None:
+        values["weights"] = _weights(values["weights"])
+    if values.get("reports_only"):
+        raise UsageError("--reports-only: reports are not implemented yet; run without it")
+    _resources_from_plugin(values)
+    _check_threads(values)
+    return Config.from_settings(values)
 
 
 # --------------------------------------------------------------------------------------------
-# From parsed options to Config.
+# Checks against the file system, and the option files.
 
 
-def options_to_config(options: dict[str, Any]) -> Config:
-    """Validate parsed options (dest -> value; absent = default) and build the :class:`Config`."""
-    bids_dir = _bids_dir(options["bids_dir"])
-    output_dir = _outside(options["output_dir"], bids_dir, "OUTPUT_DIR")
-    _refuse_file(output_dir, "OUTPUT_DIR")
-    work_dir = _outside(options.get("work_dir", "work"), bids_dir, "the work directory (-w)")
-    _refuse_file(work_dir, "the work directory (-w)")
-    values: dict[str, Any] = {"bids_dir": bids_dir, "output_dir": output_dir,
-                              "work_dir": work_dir,
-                              "analysis_level": options["analysis_level"]}
-    if "bids_database_dir" in options:
-        values["bids_database_dir"] = _outside(options["bids_database_dir"], bids_dir,
-                                               "--bids-database-dir")
-    if "bids_filter_file" in options:
-        values["bids_filters"] = load_bids_filters(options["bids_filter_file"])
-    if "use_plugin" in options:
-        values["plugin"] = load_plugin(options["use_plugin"])
-    if "weights" in options:
-        values["weights"] = _weights(options["weights"])
-    for name in ("participant_label", "session_label", "anat_suffixes"):
-        if name in options:
-            values[name] = list(dict.fromkeys(options[name]))  # drop repeats, keep the order
-    for name in ("skip_bids_validation", "model", "io_iterations", "io_similarity", "prealign",
-                 "device", "precision", "io_checkpointing", "gpu_procs", "sloppy", "nprocs", "omp_nthreads", "mem_gb",
-                 "clean_workdir", "stop_on_first_crash", "resource_monitor",
-                 "boilerplate_only", "reports_only", "notrack", "verbose"):
-        if name in options:
-            values[name] = options[name]
-    _resources_from_plugin(values)
-    _check_threads(values)
-    if "output_spaces" in options or "template" in options:
-        values["output_spaces"] = output_spaces(options.get("output_spaces"),
-                                                options.get("template", []))
-    return Config(**values)
-
-
-def absolute(text: str | os.PathLike) -> Path:
-    """``text`` as an absolute, normalised path (``~`` expanded; symbolic links kept)."""
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(text))))
-
-
-def _bids_dir(text: str) -> Path:
+def _bids_dir(text: str | os.PathLike) -> Path:
     path = absolute(text)
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
@@ -494,7 +439,7 @@ def _bids_dir(text: str) -> Path:
     return path
 
 
-def _outside(text: str, bids_dir: Path, what: str) -> Path:
+def _outside(text: str | os.PathLike, bids_dir: Path, what: str) -> Path:
     """``text`` made absolute; :class:`UsageError` when it is ``bids_dir`` or inside it."""
     path = absolute(text)
     resolved, root = path.resolve(), bids_dir.resolve()
@@ -525,7 +470,7 @@ def _read_text(path: Path, option: str) -> str:
         raise UsageError(f"{option} {path} is not a UTF-8 text file") from None
 
 
-def _weights(text: str) -> Path:
+def _weights(text: str | os.PathLike) -> Path:
     path = absolute(text)
     if not path.is_file():
         what = "is not a file" if path.exists() else "not found"
@@ -546,26 +491,7 @@ def load_bids_filters(text: str) -> dict:
         filters = json.loads(_read_text(path, "--bids-filter-file"))
     except json.JSONDecodeError as exc:
         raise UsageError(f"--bids-filter-file {path} is not valid JSON: {exc}") from None
-    if not isinstance(filters, dict):
-        raise UsageError(f"--bids-filter-file {path} must hold a JSON object such as "
-                         '{"t1w": {"acq": "mprage"}}')
-    for query, entities in filters.items():
-        _check_filter(path, query, entities)
-    return filters
-
-
-def _check_filter(path: Path, query: str, entities: Any) -> None:
-    if query not in FILTER_QUERIES:
-        raise UsageError(f"--bids-filter-file {path}: unknown query {query!r}; known queries: "
-                         f"{', '.join(FILTER_QUERIES)}")
-    if not isinstance(entities, dict):
-        raise UsageError(f"--bids-filter-file {path}: {query!r} must map BIDS entities to "
-                         f'values, e.g. {{"acq": "mprage"}}, got {json.dumps(entities)}')
-    for entity, value in entities.items():
-        items = value if isinstance(value, list) else [value]
-        if not all(item is None or isinstance(item, (str, int)) for item in items):
-            raise UsageError(f"--bids-filter-file {path}: {query}.{entity} must be a string, "
-                             f"a number, null or a list of them, got {json.dumps(value)}")
+    return check_bids_filters(filters, f"--bids-filter-file {path}")
 
 
 def load_plugin(text: str) -> dict:
@@ -580,22 +506,7 @@ def load_plugin(text: str) -> dict:
         data = yaml.safe_load(_read_text(path, "--use-plugin"))
     except yaml.YAMLError as exc:
         raise UsageError(f"--use-plugin {path} is not valid YAML: {one_line(exc)}") from None
-    if not isinstance(data, dict) or "plugin" not in data:
-        raise UsageError(f"--use-plugin {path} must be a YAML mapping with a 'plugin' key, e.g. "
-                         "{plugin: MultiProc, plugin_args: {n_procs: 8}}")
-    unknown = sorted(set(map(str, data)) - {"plugin", "plugin_args"})
-    if unknown:
-        raise UsageError(f"--use-plugin {path}: unknown key {unknown[0]!r} (keys: plugin, "
-                         "plugin_args)")
-    names = {name.lower(): name for name in PLUGINS}
-    name = names.get(str(data["plugin"]).lower())
-    if name is None:
-        raise UsageError(f"--use-plugin {path}: unsupported plugin {data['plugin']!r}; choose "
-                         f"one of {', '.join(PLUGINS)}")
-    plugin_args = data.get("plugin_args") or {}
-    if not isinstance(plugin_args, dict):
-        raise UsageError(f"--use-plugin {path}: plugin_args must be a mapping")
-    return {"plugin": name, "plugin_args": plugin_args}
+    return check_plugin(data, f"--use-plugin {path}")
 
 
 def _resources_from_plugin(values: dict[str, Any]) -> None:
@@ -603,7 +514,7 @@ def _resources_from_plugin(values: dict[str, Any]) -> None:
     plugin_args = (values.get("plugin") or {}).get("plugin_args", {})
     for key, name, convert in (("n_procs", "nprocs", _integer(1)),
                                ("memory_gb", "mem_gb", lambda v: memory_gb(f"{v}G"))):
-        if key in plugin_args and name not in values:
+        if key in plugin_args and values.get(name) is None:
             try:
                 values[name] = convert(str(plugin_args[key]))
             except argparse.ArgumentTypeError as exc:
@@ -617,44 +528,5 @@ def _check_threads(values: dict[str, Any]) -> None:
                          "cannot outnumber the total")
 
 
-# --------------------------------------------------------------------------------------------
-# Output spaces (syntax delegated to ugi_bids.utils.templates).
-
-
-def output_spaces(spaces: list[str] | None, templates: list[str]) -> list[SpaceSpec]:
-    """TemplateFlow ``spaces`` then the custom ``templates``, as :class:`SpaceSpec`.
-
-    Without ``spaces`` (no ``--output-spaces``) only the custom templates are used, so a run with
-    ``--template`` alone does not also need TemplateFlow's MNI template. A custom name that
-    repeats another custom name or a TemplateFlow name of ``spaces`` is a usage error.
-    """
-    from ..utils import templates as parse  # lazy: keeps --help and bad command lines fast
-
-    specs = _delegate(parse.parse_output_spaces, list(spaces), "--output-spaces") if spaces \
-        else []
-    seen = {spec.name.casefold(): "--output-spaces" for spec in specs}
-    for text in templates:
-        spec = _delegate(parse.parse_custom_template, text, "--template")
-        clash = seen.get(spec.name.casefold())
-        if clash:
-            raise UsageError(f"--template {text}: the name {spec.name!r} is already used by "
-                             f"{clash}; give the custom template another name")
-        seen[spec.name.casefold()] = "another --template"
-        specs.append(dataclasses.replace(
-            spec, path=absolute(spec.path) if spec.path else None,
-            mask=absolute(spec.mask) if spec.mask else None))
-    return specs
-
-
-def _delegate(function: Callable, value: Any, option: str):
-    """``function(value)``; a ValueError becomes a one-line :class:`UsageError` for ``option``."""
-    try:
-        return function(value)
-    except UgiError:
-        raise
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        raise UsageError(f"{option}: {one_line(exc)}") from None
-
-
 if __name__ == "__main__":  # a dry check: print the settings a command line resolves to
-    print(json.dumps(parse_args_or_exit().to_dict(), indent=2))
+    print(parse_args_or_exit().to_toml(), end="")

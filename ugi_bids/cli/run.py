@@ -7,43 +7,35 @@ Order of work, so that bad input fails fast and leaves nothing behind:
    suffix; check every selected image (readable, 3D, finite);
 3. resolve every output space to template files (TemplateFlow or custom paths) and the weights;
 4. only then create the output folder, write ``dataset_description.json``, ``.bidsignore`` and
-   ``logs/CITATION.*``, build the Nipype workflow and run it.
+   ``logs/CITATION.*``, build the Nipype workflow, write the run's settings
+   (``sub-<label>/log/<run_uuid>/ugi-bids.toml``, a ``--config-file`` that reproduces the run)
+   and run it; after a successful run, ``--clean-workdir`` removes the run's work folders.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from ..engine.errors import UgiError
-from .config import Config
-from .parser import parse_args, report_error
+from ..config import Config
+from ..errors import NoDataError, guarded
+from .parser import PROG, parse_args
 
 LOGGER = logging.getLogger("ugi_bids")
 
 
-class NoDataError(UgiError):
-    """The filters selected no usable image: exit 18."""
-
-    exit_code = 18
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ugi-bids``; returns the exit code (never raises for user errors)."""
-    try:
+    def parse_and_run() -> int:
         config = parse_args(argv)
-    except UgiError as error:
-        return report_error(error)
-    _setup_logging(config.verbose)
-    try:
+        _setup_logging(config.verbose)
         return run(config)
-    except UgiError as error:
-        return report_error(error)
-    except KeyboardInterrupt:
-        print("ugi-bids: interrupted", file=sys.stderr)
-        return 130
+
+    return guarded(PROG, parse_and_run)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -62,8 +54,13 @@ def select_inputs(config: Config) -> dict:
     """``{participant: {session: {suffix: reference image}}}`` for the run; participants (or
     sessions) without any usable image are reported and skipped, or stop the run under
     ``--stop-on-first-crash``."""
-    from ..engine.volume import load_volume
-    from ..utils.bids import collect_anatomicals, load_layout, participants, select_reference
+    from ..engine.spatial.volume import load_volume
+    from ..utils.bids import (
+        collect_anatomicals,
+        load_layout,
+        participants,
+        select_reference,
+    )
 
     layout = load_layout(config.bids_dir, config.bids_database_dir,
                          validate=not config.skip_bids_validation)
@@ -107,7 +104,7 @@ def resolve_resources(config: Config) -> dict:
     """Resolve every output space, for every anatomical suffix, to template files
     (``{suffix: [ResolvedTemplate]}``) and the weights to a checked path. Fails fast, one line,
     before anything is written."""
-    from ..engine.weights import checked_state_dict, resolve_weights
+    from ..engine.model.weights import checked_state_dict, resolve_weights
     from ..utils.templates import resolve_template
 
     templates = {suffix: [resolve_template(spec, suffix) for spec in config.output_spaces]
@@ -120,13 +117,70 @@ def resolve_resources(config: Config) -> dict:
 def write_dataset_files(config: Config, workflow) -> None:
     """dataset_description.json, .bidsignore and logs/CITATION.* in the output folder."""
     from .. import __version__
-    from ..utils.provenance import (collect_boilerplate, write_bidsignore,
-                                    write_citation_files, write_dataset_description)
+    from ..utils.provenance import (
+        collect_boilerplate,
+        write_bidsignore,
+        write_citation_files,
+        write_dataset_description,
+    )
 
     write_dataset_description(config.output_dir, bids_dir=config.bids_dir, version=__version__,
                               templateflow_home=os.environ.get("TEMPLATEFLOW_HOME"))
     write_bidsignore(config.output_dir)
     write_citation_files(config.output_dir, collect_boilerplate(workflow))
+
+
+#: The run's settings, written into every processed participant's log folder.
+SETTINGS_FILE = "ugi-bids.toml"
+
+
+def write_run_settings(requested: Config, participants, environment: dict) -> list[Path]:
+    """Write the settings asked for (``requested``, as parsed) as TOML into
+    ``OUTPUT_DIR/sub-<label>/log/<run_uuid>/ugi-bids.toml`` for every participant, atomically;
+    a ``--config-file`` that reproduces the run. ``environment`` (versions, the device and
+    weights resolved) goes into the ``[environment]`` record."""
+    from ..engine.formats.staging import write_text_atomic
+    from ..utils.provenance import crash_dir
+
+    text = requested.to_toml(environment)
+    return [write_text_atomic(crash_dir(requested.output_dir, participant, requested.run_uuid)
+                              / SETTINGS_FILE, text, "run settings")
+            for participant in participants]
+
+
+def clean_work_dir(config: Config, workflow) -> list[Path]:
+    """``--clean-workdir``, after a successful run: remove the run's folders from the work
+    directory, ``-w/<workflow>/<participant workflow>`` for each participant of ``workflow``,
+    then ``-w/<workflow>`` if nothing else is left in it. Other runs' folders stay (several
+    participants may share ``-w`` at once); nothing outside ``-w`` nor holding ``OUTPUT_DIR``
+    or ``BIDS_DIR`` is removed. A folder that cannot be removed is a warning. Returns the
+    folders removed."""
+    root = config.work_dir.resolve()
+    keep = (config.output_dir.resolve(), config.bids_dir.resolve())
+    top = config.work_dir / workflow.name
+    children = dict.fromkeys(name.split(".")[0] for name in workflow.list_node_names())
+    removed = []
+    for folder in [top / child for child in children] + [top]:
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        resolved = folder.resolve()
+        if root not in resolved.parents or any(
+                path == resolved or resolved in path.parents for path in keep):
+            LOGGER.warning("--clean-workdir: %s left in place (outside %s, or holding the "
+                           "input or output folder)", folder, config.work_dir)
+            continue
+        try:
+            if folder == top:
+                folder.rmdir()  # only once empty: it may hold other runs' participants
+            else:
+                shutil.rmtree(folder)
+        except OSError as exc:
+            if folder != top:
+                LOGGER.warning("--clean-workdir: could not remove %s: %s", folder, exc)
+            continue
+        removed.append(folder)
+    LOGGER.info("--clean-workdir: removed %d folder(s) from %s", len(removed), config.work_dir)
+    return removed
 
 
 def plugin_settings(config: Config, *, use_gpu: bool = False) -> dict:
@@ -164,13 +218,14 @@ def run(config: Config) -> int:
     """Build and run the workflow for ``config``; returns the exit code."""
     from nipype import config as nipype_config
 
-    from ..engine.precision import effective_precision
-    from ..engine.register import resolve_device
+    from ..engine.model.precision import effective_precision
+    from ..engine.model.device import resolve_device
     from ..workflows.base import init_ugi_wf
 
     if config.analysis_level == "group":
         LOGGER.warning("the group level has nothing to do in this version")
         return 0
+    requested = copy.copy(config)  # the settings as asked: the run's ugi-bids.toml
     device = resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
     # The provenance and the boilerplate must say what runs, not what was asked for.
     config.precision = effective_precision(config.precision, device)
@@ -191,6 +246,7 @@ def run(config: Config) -> int:
     if config.boilerplate_only:
         LOGGER.info("boilerplate written to %s", config.output_dir / "logs")
         return 0
+    write_run_settings(requested, subjects, _environment(config, device))
     if config.omp_nthreads:
         os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
     try:
@@ -202,7 +258,22 @@ def run(config: Config) -> int:
               f"see the crash files in {', '.join(folders)}", file=sys.stderr)
         return 1
     LOGGER.info("ugi-bids finished: %s", config.output_dir)
+    if config.clean_workdir:
+        clean_work_dir(config, workflow)
     return 0
+
+
+def _environment(config: Config, device) -> dict:
+    """The ``[environment]`` record of the run's settings: what this run resolved."""
+    import platform
+
+    import nipype
+
+    from .. import __version__
+
+    return {"version": __version__, "nipype_version": nipype.__version__,
+            "python_version": platform.python_version(), "device": str(device),
+            "precision": config.precision, "weights": config.weights}
 
 
 if __name__ == "__main__":

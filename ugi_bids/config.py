@@ -1,0 +1,462 @@
+"""The settings of one ``ugi-bids`` run, filled by the command-line parser (and optionally a
+``--config-file``), read by the workflow builders.
+
+A :class:`Config` is written as TOML with sections, as fMRIPrep does (:meth:`Config.to_toml`),
+and read back (:meth:`Config.from_toml`, or :func:`read_settings` for the settings a file sets).
+Keys are the :class:`Config` field names:
+
+* ``[execution]``: paths, BIDS selection, the run's flags, ``verbose`` and ``run_uuid``;
+* ``[workflow]``: ``anat_suffixes``, the output spaces (``output_spaces``: TemplateFlow spaces
+  in niworkflows' syntax ``SPACE[:cohort-X][:res-N]``; ``templates``: custom templates,
+  ``NAME=PATH[,mask=PATH]``) and every registration setting;
+* ``[nipype]``: ``nprocs``, ``omp_nthreads``, ``mem_gb``, ``plugin``, ``gpu_procs``, ``device``;
+* ``[environment]``: written for the record (versions, the device and weights the run
+  resolved), ignored when read; ``run_uuid`` is kept by :meth:`Config.from_toml` and dropped by
+  ``--config-file`` (a new run gets a new id).
+
+An absent key means the default. ``bids_filters`` and ``plugin`` are TOML tables, or a JSON
+string where they hold ``null`` (TOML has none). Reading checks what can be checked without
+the dataset (types, choices, ranges, label and space syntax; a custom template's files must
+exist): a bad value is one line, :class:`~ugi_bids.errors.UsageError` (exit 2). Nothing here
+imports ``argparse``; the checks against the dataset live in :mod:`ugi_bids.cli.parser`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import sys
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .engine.options import (
+    DEFAULT_NETWORK_SIZE,
+    DEVICES,
+    IO_CHECKPOINTING,
+    MODELS,
+    PREALIGN_MODES,
+    PRECISIONS,
+    SIMILARITIES,
+    SLOPPY_NETWORK_SIZE,
+)
+from .errors import UgiError, UsageError, one_line
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the ``tomli`` package
+    import tomli as tomllib
+
+#: BIDS suffixes we register, and the intensity model each one uses.
+SUFFIX_MODALITY = {"T1w": "mri", "T2w": "mri", "FLAIR": "mri", "PDw": "mri", "CT": "ct"}
+ANALYSIS_LEVELS = ("participant", "group")
+#: ``bids_filters`` query names and the BIDS suffix each one selects.
+FILTER_QUERIES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "pdw": "PDw", "ct": "CT"}
+#: Nipype execution plugins (``plugin``, ``--use-plugin``).
+PLUGINS = ("MultiProc", "Linear", "SLURM", "SLURMGraph", "SGE", "PBS", "LSF")
+_LABEL = re.compile(r"[A-Za-z0-9]+")
+
+
+@dataclass
+class SpaceSpec:
+    """One output space: a TemplateFlow name or a custom template given by path.
+
+    ``resolution`` is a TemplateFlow resolution index (``res-``), not millimetres; ``cohort``
+    selects a TemplateFlow cohort. ``path``/``mask`` are set only for custom templates
+    (``--template NAME=PATH[,mask=PATH]``).
+    """
+
+    name: str
+    resolution: str | None = None
+    cohort: str | None = None
+    path: Path | None = None
+    mask: Path | None = None
+
+    @property
+    def is_custom(self) -> bool:
+        return self.path is not None
+
+    @property
+    def label(self) -> str:
+        """The ``space-`` / ``to-`` label: name plus ``+cohort`` when a cohort is set (NiPreps)."""
+        return f"{self.name}+{self.cohort}" if self.cohort else self.name
+
+    @property
+    def text(self) -> str:
+        """The spec as written on the command line: ``SPACE[:cohort-X][:res-N]`` for a
+        TemplateFlow space, ``NAME=PATH[,mask=PATH]`` for a custom template."""
+        if self.is_custom:
+            return f"{self.name}={self.path}" + (f",mask={self.mask}" if self.mask else "")
+        return self.name + (f":cohort-{self.cohort}" if self.cohort else "") + \
+            (f":res-{self.resolution}" if self.resolution else "")
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Paths are absolute."""
+
+    # positional arguments
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str = "participant"
+    # BIDS selection
+    participant_label: list[str] = field(default_factory=list)  # without "sub-"; empty = all
+    session_label: list[str] = field(default_factory=list)  # without "ses-"; empty = all
+    bids_filters: dict = field(default_factory=dict)  # query name (t1w, t2w, ...) -> entities
+    bids_database_dir: Path | None = None
+    skip_bids_validation: bool = False
+    anat_suffixes: list[str] = field(default_factory=lambda: ["T1w"])
+    # spaces
+    output_spaces: list[SpaceSpec] = field(
+        default_factory=lambda: [SpaceSpec("MNI152NLin2009cAsym")])
+    # registration
+    model: str = "unigradicon"
+    weights: Path | None = None
+    io_iterations: int = 50
+    io_similarity: str = "lncc"
+    prealign: str = "affine"
+    device: str = "auto"
+    precision: str = "float32"
+    io_checkpointing: str = "auto"
+    gpu_procs: int = 1
+    sloppy: bool = False
+    # performance
+    nprocs: int | None = None
+    omp_nthreads: int | None = None
+    mem_gb: float | None = None
+    plugin: dict | None = None  # {"plugin": "MultiProc", "plugin_args": {...}}
+    # other
+    work_dir: Path = field(default_factory=lambda: Path("work").absolute())
+    clean_workdir: bool = False
+    stop_on_first_crash: bool = False
+    resource_monitor: bool = False
+    boilerplate_only: bool = False
+    reports_only: bool = False
+    notrack: bool = False
+    verbose: int = 0
+    # set at parse time
+    run_uuid: str = field(default_factory=lambda: "{}_{}".format(
+        datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), uuid.uuid4()))
+
+    @property
+    def network_size(self) -> int:
+        """Network input grid: 175 (released model), or the reduced grid under ``--sloppy``."""
+        return SLOPPY_NETWORK_SIZE if self.sloppy else DEFAULT_NETWORK_SIZE
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (paths as strings), for logs and provenance."""
+        return _plain(asdict(self))
+
+    def to_sections(self, environment: dict | None = None) -> dict[str, dict]:
+        """The settings by TOML section (see the module docstring); ``None`` values are left
+        out (they are the defaults), ``environment`` (a flat table) is added for the record."""
+        plain = self.to_dict()
+        plain["output_spaces"] = [s.text for s in self.output_spaces if not s.is_custom]
+        plain["templates"] = [s.text for s in self.output_spaces if s.is_custom]
+        tables: dict[str, dict] = {}
+        for section, keys in SECTIONS.items():
+            table = tables[section] = {}
+            for key in keys:
+                value = plain[key]
+                if isinstance(value, dict) and _holds_none(value):
+                    value = json.dumps(value)  # TOML has no null
+                if value is not None:
+                    table[key] = value
+        if environment:
+            tables["environment"] = {key: value for key, value in _plain(environment).items()
+                                     if value is not None}
+        return tables
+
+    def to_toml(self, environment: dict | None = None) -> str:
+        """The settings as TOML text that :meth:`from_toml` and ``--config-file`` read back."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_sections(environment))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "TOML") -> Config:
+        """The :class:`Config` a TOML text describes (``[execution]`` must give ``bids_dir``
+        and ``output_dir``); bad content raises a one-line :class:`UsageError` naming
+        ``source``."""
+        settings = read_settings(text, source)
+        for key in ("bids_dir", "output_dir"):
+            if key not in settings:
+                raise UsageError(f"{source}: [execution] {key} is missing")
+        return cls.from_settings(settings)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Config:
+        """A :class:`Config` from checked settings (:func:`read_settings`' form: field names,
+        with the TemplateFlow ``output_spaces`` and the custom ``templates`` apart)."""
+        values = dict(settings)
+        spaces, templates = values.pop("output_spaces", None), values.pop("templates", None)
+        if spaces is not None or templates is not None:
+            values["output_spaces"] = combine_spaces(spaces or [], templates or [])
+        return cls(**values)
+
+
+def _plain(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _holds_none(value) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_none(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_none(v) for v in value)
+    return value is None
+
+
+# --------------------------------------------------------------------------------------------
+# The sections, and what each key holds.
+
+
+@dataclass(frozen=True)
+class _Key:
+    kind: str  # path, str, int, gb, bool, labels, strings, filters, plugin, spaces, templates
+    choices: tuple = ()
+    minimum: int = 0
+    prefix: str = ""
+
+
+_FLAG = _Key("bool")
+#: Section -> key -> what the key holds. Every :class:`Config` field is in exactly one section
+#: (``output_spaces`` as two keys: ``output_spaces`` and ``templates``).
+SECTIONS: dict[str, dict[str, _Key]] = {
+    "execution": {
+        "bids_dir": _Key("path"), "output_dir": _Key("path"),
+        "analysis_level": _Key("str", ANALYSIS_LEVELS),
+        "participant_label": _Key("labels", prefix="sub-"),
+        "session_label": _Key("labels", prefix="ses-"),
+        "bids_filters": _Key("filters"), "bids_database_dir": _Key("path"),
+        "skip_bids_validation": _FLAG, "work_dir": _Key("path"), "clean_workdir": _FLAG,
+        "stop_on_first_crash": _FLAG, "resource_monitor": _FLAG, "boilerplate_only": _FLAG,
+        "reports_only": _FLAG, "notrack": _FLAG, "verbose": _Key("int"),
+        "run_uuid": _Key("str"),
+    },
+    "workflow": {
+        "anat_suffixes": _Key("strings", tuple(SUFFIX_MODALITY)),
+        "output_spaces": _Key("spaces"), "templates": _Key("templates"),
+        "model": _Key("str", MODELS), "weights": _Key("path"),
+        "io_iterations": _Key("int"), "io_similarity": _Key("str", SIMILARITIES),
+        "prealign": _Key("str", PREALIGN_MODES), "precision": _Key("str", PRECISIONS),
+        "io_checkpointing": _Key("str", tuple(IO_CHECKPOINTING)), "sloppy": _FLAG,
+    },
+    "nipype": {
+        "nprocs": _Key("int", minimum=1), "omp_nthreads": _Key("int", minimum=1),
+        "mem_gb": _Key("gb"), "plugin": _Key("plugin"), "gpu_procs": _Key("int", minimum=1),
+        "device": _Key("str", DEVICES),
+    },
+}
+#: Sections written for the record and skipped when read.
+RECORD_SECTIONS = ("environment",)
+
+
+def read_settings(text: str, source: str = "TOML") -> dict[str, Any]:
+    """The settings a TOML text sets, checked and converted, by key (see :data:`SECTIONS`):
+    paths absolute (a relative one is read from the current directory), labels without their
+    ``sub-``/``ses-`` prefix, ``output_spaces``/``templates`` as :class:`SpaceSpec` lists.
+    Unknown sections or keys and bad values raise a one-line :class:`UsageError` that starts
+    with ``source``; a custom template's missing file keeps its own error (exit 66)."""
+    try:
+        tables = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{source} is not valid TOML: {one_line(exc)}") from None
+    settings: dict[str, Any] = {}
+    names = ", ".join(f"[{name}]" for name in SECTIONS)
+    for section, table in tables.items():
+        keys = SECTIONS.get(section)
+        if not isinstance(table, dict):
+            home = _section_of(section)
+            raise UsageError(f"{source}: {section!r} is outside any section; " + (
+                f"it belongs in [{home}]" if home else f"sections: {names}"))
+        if keys is None and section not in RECORD_SECTIONS:
+            raise UsageError(f"{source}: unknown section [{section}] (sections: {names})")
+        for key, value in (table.items() if keys is not None else ()):
+            if key not in keys:
+                raise UsageError(f"{source}: unknown key {key!r} in [{section}]"
+                                 f"{_key_hint(key, section)}")
+            settings[key] = _convert(value, keys[key], f"{source}: [{section}] {key}")
+    return settings
+
+
+def _section_of(key: str) -> str | None:
+    return next((section for section, keys in SECTIONS.items() if key in keys), None)
+
+
+def _key_hint(key: str, section: str) -> str:
+    home = _section_of(key)
+    if home:
+        return f"; {key} belongs in [{home}]"
+    known = [name for keys in SECTIONS.values() for name in keys]
+    close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+    return f"; did you mean {close[0]}?" if close else f"; keys of [{section}]: " + \
+        ", ".join(SECTIONS[section])
+
+
+def _convert(value: Any, key: _Key, where: str) -> Any:
+    """``value`` checked and converted for ``key``; :class:`UsageError` naming ``where``."""
+    def fail(expected: str):
+        return UsageError(f"{where} must be {expected}, got {json.dumps(value, default=str)}")
+
+    kind = key.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < key.minimum:
+            raise fail(f"an integer >= {key.minimum}")
+        return value
+    if kind == "gb":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise fail("a number of GB above zero")
+        return float(value)
+    if kind in ("filters", "plugin"):
+        if isinstance(value, str):  # JSON text, for tables holding null
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise fail("a table, or a JSON object in a string") from None
+        return check_bids_filters(value, where) if kind == "filters" else \
+            check_plugin(value, where)
+    if kind in ("labels", "strings", "spaces", "templates"):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise fail("a list of strings")
+        if kind == "spaces":
+            return parse_spaces(items, where) if items else []
+        if kind == "templates":
+            return parse_templates(items, where)
+        if kind == "labels":
+            items = [_checked(bids_label, item, key.prefix, where) for item in items]
+        elif not items or any(item not in key.choices for item in items):
+            raise fail(f"a list of {', '.join(key.choices)}")
+        return list(dict.fromkeys(items))  # drop repeats, keep the order
+    if not isinstance(value, str) or not value:
+        raise fail("a non-empty string" if isinstance(value, str) else "a string")
+    if kind == "path":
+        return absolute(value)
+    if key.choices and value not in key.choices:
+        raise fail(f"one of {', '.join(key.choices)}")
+    return value
+
+
+def _checked(function, value, prefix, where):
+    try:
+        return function(value, prefix)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Values shared with the command line.
+
+
+def absolute(text: str | os.PathLike) -> Path:
+    """``text`` as an absolute, normalised path (``~`` expanded; symbolic links kept)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(text))))
+
+
+def bids_label(text: str, prefix: str = "") -> str:
+    """A BIDS label, its optional ``prefix`` (``sub-``/``ses-``) stripped; ValueError if it is
+    not letters and digits."""
+    value = text[len(prefix):] if prefix and text.startswith(prefix) else text
+    if not _LABEL.fullmatch(value):
+        raise ValueError(f"invalid label {text!r}: BIDS labels are letters and digits only")
+    return value
+
+
+def check_bids_filters(filters: Any, where: str) -> dict:
+    """``filters`` checked: ``{query: {entity: value}}`` with the queries of
+    :data:`FILTER_QUERIES`; a value is a string, a number, ``None`` (entity absent), ``"*"``
+    (any value) or a list of those. Returned as given."""
+    if not isinstance(filters, dict):
+        raise UsageError(f"{where} must hold a JSON object such as "
+                         '{"t1w": {"acq": "mprage"}}')
+    for query, entities in filters.items():
+        if query not in FILTER_QUERIES:
+            raise UsageError(f"{where}: unknown query {query!r}; known queries: "
+                             f"{', '.join(FILTER_QUERIES)}")
+        if not isinstance(entities, dict):
+            raise UsageError(f"{where}: {query!r} must map BIDS entities to values, e.g. "
+                             f'{{"acq": "mprage"}}, got {json.dumps(entities)}')
+        for entity, value in entities.items():
+            items = value if isinstance(value, list) else [value]
+            if not all(item is None or (isinstance(item, (str, int))
+                                        and not isinstance(item, bool)) for item in items):
+                raise UsageError(f"{where}: {query}.{entity} must be a string, a number, null "
+                                 f"or a list of them, got {json.dumps(value)}")
+    return filters
+
+
+def check_plugin(data: Any, where: str) -> dict:
+    """A Nipype plugin setting checked: ``{"plugin": name, "plugin_args": {...}}``, the name
+    matched case-insensitively and returned in Nipype's spelling."""
+    if not isinstance(data, dict) or "plugin" not in data:
+        raise UsageError(f"{where} must be a mapping with a 'plugin' key, e.g. "
+                         "{plugin: MultiProc, plugin_args: {n_procs: 8}}")
+    unknown = sorted(set(map(str, data)) - {"plugin", "plugin_args"})
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} (keys: plugin, plugin_args)")
+    name = {name.lower(): name for name in PLUGINS}.get(str(data["plugin"]).lower())
+    if name is None:
+        raise UsageError(f"{where}: unsupported plugin {data['plugin']!r}; choose one of "
+                         f"{', '.join(PLUGINS)}")
+    plugin_args = data.get("plugin_args") or {}
+    if not isinstance(plugin_args, dict):
+        raise UsageError(f"{where}: plugin_args must be a mapping")
+    return {"plugin": name, "plugin_args": plugin_args}
+
+
+def parse_spaces(values: list[str], where: str) -> list[SpaceSpec]:
+    """TemplateFlow spaces in niworkflows' syntax (``ugi_bids.utils.templates``)."""
+    from .utils import templates  # lazy: keeps --help and bad command lines fast
+
+    return _delegate(templates.parse_output_spaces, list(values), where)
+
+
+def parse_templates(values: list[str], where: str) -> list[SpaceSpec]:
+    """Custom templates ``NAME=PATH[,mask=PATH]``, their paths made absolute."""
+    from .utils import templates
+
+    specs = [_delegate(templates.parse_custom_template, value, where) for value in values]
+    return [dataclasses.replace(spec, path=absolute(spec.path) if spec.path else None,
+                                mask=absolute(spec.mask) if spec.mask else None)
+            for spec in specs]
+
+
+def _delegate(function, value, where: str):
+    """``function(value)``; its errors become one line that starts with ``where``."""
+    try:
+        return function(value)
+    except UgiError as exc:
+        raise type(exc)(f"{where}: {one_line(exc)}") from None
+    except ValueError as exc:
+        raise UsageError(f"{where}: {one_line(exc)}") from None
+
+
+def combine_spaces(spaces: list[SpaceSpec], templates: list[SpaceSpec]) -> list[SpaceSpec]:
+    """The TemplateFlow ``spaces`` then the custom ``templates``; a custom name that repeats
+    another custom name or a TemplateFlow name is a :class:`UsageError`, and so is no space."""
+    seen = {spec.name.casefold(): "--output-spaces" for spec in spaces}
+    for spec in templates:
+        clash = seen.get(spec.name.casefold())
+        if clash:
+            raise UsageError(f"--template {spec.text}: the name {spec.name!r} is already used "
+                             f"by {clash}; give the custom template another name")
+        seen[spec.name.casefold()] = "another --template"
+    if not spaces and not templates:
+        raise UsageError("no output space: give --output-spaces or --template")
+    return [*spaces, *templates]
