@@ -31,8 +31,8 @@ from tests.realdata import (
     rotation_matrix,
     store_as,
 )
-from ugi_bids.engine.geometry import Grid
-from ugi_bids.engine.volume import Volume, load_volume
+from ugi_bids.engine.spatial.geometry import Grid
+from ugi_bids.engine.spatial.volume import Volume, load_volume
 
 TEMPLATE = "MNI152NLin2009cAsym"
 
@@ -243,6 +243,8 @@ def make_bids_dataset(root: str | os.PathLike, *, downsample: float = 3.0) -> di
 
 def make_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
     """A random-valued checkpoint in the official format at ``path`` (see tests.checkpoints)."""
-    from tests.checkpoints import write_random_checkpoint  # imports torch: only when needed
+    from tests.checkpoints import (
+        write_random_checkpoint,  # imports torch: only when needed
+    )
 
     return Path(write_random_checkpoint(path, seed=seed))

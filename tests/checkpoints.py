@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ugi_bids.engine.network import build_cascade
+from ugi_bids.engine.model.network import build_cascade
 
 
 def random_state_dict(seed: int = 0, lastconv_scale: float = 1.0) -> dict:

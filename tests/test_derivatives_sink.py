@@ -229,7 +229,7 @@ def test_failure_leaves_nothing(out, raw, tmp_path):
     with pytest.raises(EOFError):
         _sink(out, str(broken), raw["plain"], space=SPACE, desc="preproc", SkullStripped=False)
     assert _all_files(out) == []
-    assert not list(out.glob(STAGING_PREFIX + "*"))
+    assert list(out.glob(STAGING_PREFIX + "*")) == []
 
 
 def test_failure_of_second_file_publishes_none(out, raw, files, tmp_path):

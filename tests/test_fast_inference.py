@@ -9,16 +9,22 @@ import torch.nn.functional as F
 
 from tests.checkpoints import random_state_dict
 from tests.realdata import fsl_mni_brain_path, mni2009c_brain_path
-from ugi_bids.engine import sampling
-from ugi_bids.engine.fast_inference import cascade_map, cascade_unets
-from ugi_bids.engine.fused_unet import InferenceUNet, inference_unet
-from ugi_bids.engine.inference import infer_maps, instance_optimise, pair_objective
-from ugi_bids.engine.similarity import get_similarity
-from ugi_bids.engine.network import build_cascade, identity_grid, warp
+from ugi_bids.engine.kernels import chain as composition
+from ugi_bids.engine.kernels import dispatch
+from ugi_bids.engine.model.fast_inference import cascade_map, cascade_unets
+from ugi_bids.engine.model.fused_unet import InferenceUNet, inference_unet
+from ugi_bids.engine.model.network import build_cascade, identity_grid, warp
+from ugi_bids.engine.optimise.instance import (
+    infer_maps,
+    instance_optimise,
+    pair_objective,
+)
+from ugi_bids.engine.optimise.similarity import get_similarity
 from ugi_bids.engine.preprocess import preprocess
-from ugi_bids.engine.register import network_pair, prealignment
-from ugi_bids.engine.transforms import sample_trilinear
-from ugi_bids.engine.volume import load_volume
+from ugi_bids.engine.registrar import network_pair, prealignment
+from ugi_bids.engine.spatial import sampling
+from ugi_bids.engine.spatial.sampling import sample_trilinear
+from ugi_bids.engine.spatial.volume import load_volume
 
 #: The issue's bar: maps within 1e-4 voxel of the plain path.
 VOXEL_TOLERANCE = 1e-4
@@ -62,7 +68,7 @@ def test_folded_unet_equals_module(network, size):
         assert error.select(axis, size - 1).max() < 2e-5
 
 
-@pytest.mark.parametrize("size", [65, 80])
+@pytest.mark.parametrize("size", [65, pytest.param(80, marks=pytest.mark.slow)])
 def test_fast_maps_equal_plain_maps_on_brains(network, size):
     moving, fixed = brain_pair(size)
     plain = infer_maps(network, moving, fixed, fast=False)
@@ -87,6 +93,7 @@ def test_fast_maps_equal_plain_maps_at_true_grid(network):
     assert error.max() < 5 * VOXEL_TOLERANCE
 
 
+@pytest.mark.slow
 def test_folded_weights_follow_parameter_changes(network):
     """The folded snapshot is rebuilt after instance optimisation changed (and restored) the
     weights, and after load_state_dict."""
@@ -122,8 +129,8 @@ def test_chain_equals_grid_sample_compositions():
         points = points + warp(u.permute(3, 0, 1, 2)[None], points)
     expected_points = points[0].permute(1, 2, 3, 0)
     expected_image = warp(image[None, None], points)[0, 0]
-    got_points = sampling.chain(shape, start, [u2, u1])
-    got_image = sampling.chain(shape, start, [u2, u1], image)
+    got_points = composition.chain(shape, start, [u2, u1])
+    got_image = composition.chain(shape, start, [u2, u1], image)
     assert (got_points - expected_points).abs().max() < 1e-6
     assert (got_image - expected_image).abs().max() < 5e-5  # white noise x float32 coordinates
 
@@ -132,18 +139,18 @@ def test_kernels_and_their_fallback_agree(monkeypatch):
     torch.manual_seed(1)
     u = 0.05 * torch.randn(20, 21, 22, 3)
     image = torch.rand(24, 23, 22)
-    with_kernels = (sampling.chain((24, 23, 22), None, [u]),
-                    sampling.chain((24, 23, 22), None, [u], image))
-    monkeypatch.setattr(sampling, "numba", None)
-    without = (sampling.chain((24, 23, 22), None, [u]),
-               sampling.chain((24, 23, 22), None, [u], image))
+    with_kernels = (composition.chain((24, 23, 22), None, [u]),
+                    composition.chain((24, 23, 22), None, [u], image))
+    monkeypatch.setattr(dispatch, "numba", None)
+    without = (composition.chain((24, 23, 22), None, [u]),
+               composition.chain((24, 23, 22), None, [u], image))
     for a, b in zip(with_kernels, without):
         assert (a - b).abs().max() < 2e-5  # float32 coordinates in the fallback
 
 
-def test_world_sampling_kernels_match_grid_sample(monkeypatch):
+def test_world_sampling_kernels_match_numpy(monkeypatch):
     """Voxel-index sampling with ITK's half-voxel rule and regular-grid resampling (with a
-    linear map of the vectors) against the grid_sample implementation."""
+    linear map of the vectors): the compiled kernels against the numpy reads."""
     rng = np.random.default_rng(0)
     volume = rng.random((15, 16, 17, 3)).astype(np.float32)
     index = rng.uniform(-1.5, 17.5, size=(5000, 3))
@@ -151,20 +158,23 @@ def test_world_sampling_kernels_match_grid_sample(monkeypatch):
                   [14, 15, 16], [3, -0.49, 4], [3, 15.6, 4], [7.5, 7.5, 7.5], [2, 2, 16.5]]
     fast_zero = sample_trilinear(volume, index, "zero")
     fast_border = sample_trilinear(volume, index, "border")
+    assert np.all(fast_zero[[1, 3]] == 0) and np.all(fast_zero[[0, 2, 6]] != 0)
     to_index = np.array([[0.9, 0.1, 0.0, -1.0], [0.0, 1.1, 0.05, -0.5], [0.02, 0.0, 0.95, 0.3],
                          [0, 0, 0, 1]])
     linear = rng.normal(size=(3, 3))
     on_grid = sampling.sample_on_grid(volume, (12, 13, 14), to_index, linear)
     grid_index = np.stack(np.meshgrid(*[np.arange(n) for n in (12, 13, 14)], indexing="ij"), -1)
     grid_index = grid_index.reshape(-1, 3) @ to_index[:3, :3].T + to_index[:3, 3]
-    monkeypatch.setattr(sampling, "numba", None)
-    assert sampling.sample_on_grid(volume, (2, 2, 2), to_index) is None
-    np.testing.assert_allclose(fast_zero, sample_trilinear(volume, index, "zero"), atol=2e-6)
-    np.testing.assert_allclose(fast_border, sample_trilinear(volume, index, "border"), atol=2e-6)
     expected = sample_trilinear(volume, grid_index, "zero") @ linear.T
     np.testing.assert_allclose(on_grid.reshape(-1, 3), expected, atol=1e-5)
+    monkeypatch.setattr(sampling, "numba", None)
+    np.testing.assert_allclose(fast_zero, sample_trilinear(volume, index, "zero"), atol=2e-6)
+    np.testing.assert_allclose(fast_border, sample_trilinear(volume, index, "border"), atol=2e-6)
+    np.testing.assert_allclose(sampling.sample_on_grid(volume, (12, 13, 14), to_index, linear),
+                               on_grid, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_grad_objective_uses_folded_unets_with_the_same_losses(network):
     """IO's final evaluation (no autograd) runs the folded U-Nets; the loss terms and maps equal
     those of the module tree (which the optimisation steps use)."""

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tests import realdata
-from ugi_bids.engine.cli_register import main as register_main
-from ugi_bids.engine.itk_io import read_composite_h5
-from ugi_bids.engine.volume import load_volume
-from ugi_bids.engine.warp import apply_transform
+from ugi_bids.cli.register import main as register_main
+from ugi_bids.engine.formats.itk import read_composite_h5
+from ugi_bids.engine.spatial.volume import load_volume
+from ugi_bids.engine.spatial.warp import apply_transform
 
 
 @pytest.mark.slow

@@ -14,12 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-from nipype.interfaces.base import (BaseInterfaceInputSpec, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
 from nipype.pipeline import engine as pe
 
-from ugi_bids.cli.config import Config
 from ugi_bids.cli.run import plugin_settings
+from ugi_bids.config import Config
 from ugi_bids.workflows.registration import init_register_to_template_wf
 
 SLEEP_S = 1.5
@@ -102,6 +106,7 @@ def test_registration_node_takes_a_gpu_slot_only_on_a_gpu(use_gpu):
     assert node.inputs.device == "auto"  # resolved where the node runs
 
 
+@pytest.mark.slow
 def test_multiproc_runs_gpu_procs_registrations_at_once(tmp_path):
     """Three two-thread registrations, four cores, ``--gpu-procs 2``: two share the GPU."""
     settings = plugin_settings(config(nprocs=4, omp_nthreads=2, gpu_procs=2), use_gpu=True)
@@ -111,6 +116,7 @@ def test_multiproc_runs_gpu_procs_registrations_at_once(tmp_path):
     assert run_sleepers(tmp_path / "before", settings, use_gpu=True, threads=2) == 1
 
 
+@pytest.mark.slow
 def test_multiproc_runs_cpu_registrations_by_cores_alone(tmp_path):
     """Without a GPU the registrations are ordinary nodes: four cores, two threads each."""
     settings = plugin_settings(config(nprocs=4, omp_nthreads=2, gpu_procs=1))

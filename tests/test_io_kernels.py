@@ -8,10 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from tests.checkpoints import random_state_dict
-from ugi_bids.engine import narrow_conv, separable, similarity, trilinear, upsample_join
-from ugi_bids.engine.inference import instance_optimise, pair_objective, set_checkpointing
-from ugi_bids.engine.network import build_cascade, identity_grid
-from ugi_bids.engine.similarity import get_similarity
+from ugi_bids.engine.kernels import narrow_conv, separable, trilinear, upsample_join
+from ugi_bids.engine.model.network import build_cascade, identity_grid
+from ugi_bids.engine.optimise import similarity
+from ugi_bids.engine.optimise.instance import (
+    instance_optimise,
+    pair_objective,
+    set_checkpointing,
+)
+from ugi_bids.engine.optimise.similarity import get_similarity
 
 CL = torch.channels_last_3d
 
@@ -119,6 +124,7 @@ def test_narrow_conv_gradients_equal_oneDNN(layout):
         [1] * 3, False, [0] * 3, 1, [False, True, False])[1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_io_objective_and_gradients_unchanged_by_the_kernels(monkeypatch):
     """One IO step's loss and weight gradients, kernels on vs PyTorch's operations, both
     against the same step in float64 (GradICON's finite differences, step 1e-3, magnify float32
@@ -193,6 +199,7 @@ def test_gaussian_blur_backward_is_the_blur_of_the_gradient():
     assert not type(even.grad_fn).__name__.startswith("_SymmetricBlur")
 
 
+@pytest.mark.slow
 def test_io_maps_as_close_to_float64_as_pytorchs(monkeypatch):
     """Maps after an IO step, kernels on vs PyTorch's operations, both against the same step in
     float64. Adam's first step moves every weight by about the learning rate times the sign

@@ -1,5 +1,5 @@
 """Activation checkpointing in instance optimisation: the same gradients either way, and the
-automatic choice (:func:`ugi_bids.engine.inference.io_checkpointing`): always on the CPU (the
+automatic choice (:func:`ugi_bids.engine.optimise.instance.io_checkpointing`): always on the CPU (the
 6 GB bound), off on a GPU with room for the kept activations."""
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ from tests import realdata
 from tests.checkpoints import random_state_dict
 from tests.test_cuda import needs_cuda
 from tests.test_fast_inference import brain_pair
-from ugi_bids.engine import inference
-from ugi_bids.engine.cli_register import main as register_main
-from ugi_bids.engine.inference import (infer_maps, instance_optimise, pair_objective,
-                                       set_checkpointing)
-from ugi_bids.engine.network import build_cascade
-from ugi_bids.engine.register import Registrar
-from ugi_bids.engine.similarity import get_similarity
-from ugi_bids.engine.volume import load_volume
+from ugi_bids.cli.register import main as register_main
+from ugi_bids.engine.model.network import build_cascade
+from ugi_bids.engine.optimise import instance as inference
+from ugi_bids.engine.optimise.instance import (
+    infer_maps,
+    instance_optimise,
+    pair_objective,
+    set_checkpointing,
+)
+from ugi_bids.engine.optimise.similarity import get_similarity
+from ugi_bids.engine.registrar import Registrar
+from ugi_bids.engine.spatial.volume import load_volume
 
 
 def _network(device: str = "cpu") -> torch.nn.Module:
@@ -43,6 +47,7 @@ def _objective_and_gradients(network, moving, fixed, recompute: bool):
     return total.detach(), gradients
 
 
+@pytest.mark.slow
 def test_checkpointing_gives_the_same_gradients():
     """Recomputing the U-Nets' activations in the backward pass changes nothing: the same
     objective and bit-identical weight gradients (CPU, 65^3)."""
@@ -70,6 +75,7 @@ def test_io_checkpointing_follows_free_gpu_memory(monkeypatch, free_gb, cached_g
     assert inference.io_checkpointing(torch.device("cuda:0"), (size,) * 3) is recompute
 
 
+@pytest.mark.slow
 def test_io_checkpointing_is_always_on_for_the_cpu():
     """The CPU keeps the 6 GB bound; and a step records what it did."""
     assert inference.io_checkpointing(torch.device("cpu"), (175,) * 3) is True
@@ -95,6 +101,7 @@ def _failing_once(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_io_falls_back_to_recomputing_when_memory_runs_out(monkeypatch, caplog):
     """The automatic choice kept the activations but the memory went (another process on the
     GPU): the step is redone recomputing them, and the run finishes."""
@@ -126,6 +133,7 @@ def test_registrar_checks_the_setting(random_checkpoint):
                   io_checkpointing="sometimes")
 
 
+@pytest.mark.slow
 def test_ugi_register_keeps_activations_when_asked(random_checkpoint, tmp_path):
     """``ugi-register --io-checkpointing off`` reaches the run; its summary says what ran."""
     paths = {}

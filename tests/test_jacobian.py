@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 
 from tests.realdata import rotation_matrix, store_as
-from ugi_bids.engine.geometry import Grid
-from ugi_bids.engine.jacobian import folding_fraction, jacobian_determinant, log_jacobian
-from ugi_bids.engine.transforms import DisplacementField, WorldTransform
-from ugi_bids.engine.volume import Volume
+from ugi_bids.engine.spatial.geometry import Grid
+from ugi_bids.engine.spatial.jacobian import (
+    folding_fraction,
+    jacobian_determinant,
+    log_jacobian,
+)
+from ugi_bids.engine.spatial.transforms import DisplacementField, WorldTransform
+from ugi_bids.engine.spatial.volume import Volume
 
 CENTRE = np.array([10.0, -20.0, 15.0])
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
-from ugi_bids.engine.network import (UNET_PREFIXES, TallUNet2, build_cascade, count_parameters,
-                                     identity_grid, map_on_identity)
-from ugi_bids.engine.register import Registrar
+from ugi_bids.engine.model.network import (
+    UNET_PREFIXES,
+    TallUNet2,
+    build_cascade,
+    count_parameters,
+    identity_grid,
+    map_on_identity,
+)
+from ugi_bids.engine.registrar import Registrar
 
 
 def test_state_dict_layout_matches_the_release():
@@ -41,7 +50,8 @@ def test_random_official_checkpoint_loads_strictly_and_moves_points(random_check
     with torch.no_grad():
         phi = map_on_identity(registrar.network(a, b), size)
     assert (phi - identity_grid(size)).abs().max() > 1e-3  # the loaded weights are in use
-    assert registrar.weights.sha256 and len(registrar.weights.sha256) == 64
+    sha256 = hashlib.sha256(Path(random_checkpoint).read_bytes()).hexdigest()
+    assert registrar.weights.sha256 == sha256
 
 
 def test_network_grid_below_minimum_is_refused(random_checkpoint):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tests import realdata
-from ugi_bids.engine.errors import InputDataError
-from ugi_bids.engine.geometry import Grid
 from ugi_bids.engine.preprocess import kth_quantile, normalise_intensities, preprocess
-from ugi_bids.engine.register import Registrar
-from ugi_bids.engine.volume import Volume, load_volume
+from ugi_bids.engine.registrar import Registrar
+from ugi_bids.engine.spatial.geometry import Grid
+from ugi_bids.engine.spatial.volume import Volume, load_volume
+from ugi_bids.errors import InputDataError
 
 
 def _volume(data):
@@ -70,11 +70,12 @@ def test_mask_on_another_grid_or_empty_is_refused():
         preprocess(image, "mri", _volume(np.zeros((12, 12, 12))), apply_mask=True)
 
 
+@pytest.mark.slow
 def test_loss_masks_restrict_the_io_objective(random_checkpoint):
     """Loss masks change the IO objective (and only it): a full mask equals no mask, a brain
     mask gives another similarity; without IO, loss masks leave the maps unchanged."""
-    from ugi_bids.engine.inference import pair_objective
-    from ugi_bids.engine.similarity import get_similarity
+    from ugi_bids.engine.optimise.instance import pair_objective
+    from ugi_bids.engine.optimise.similarity import get_similarity
 
     brain = realdata.downsampled(load_volume(realdata.mni2009c_brain_path()), 3.0)
     shifted = Volume(brain.grid, np.roll(brain.data, 2, axis=0))
@@ -88,7 +89,7 @@ def test_loss_masks_restrict_the_io_objective(random_checkpoint):
     assert np.allclose(plain.forward.map_points(points), masked.forward.map_points(points))
 
     from ugi_bids.engine.preprocess import binarise_mask
-    from ugi_bids.engine.register import network_pair, prealignment
+    from ugi_bids.engine.registrar import network_pair, prealignment
     fixed_n, moving_n = normalise_intensities(brain, "mri"), normalise_intensities(shifted, "mri")
     pair = network_pair(fixed_n, moving_n,
                         prealignment(fixed_n, moving_n, "none", network_size=65), size=65,

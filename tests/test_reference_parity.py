@@ -8,19 +8,19 @@ an optional test dependency (installed by .ci/run); these tests skip only where 
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
 from tests import realdata
-from ugi_bids.engine.geometry import RAS_TO_LPS, apply_affine
-from ugi_bids.engine.inference import instance_optimise
-from ugi_bids.engine.register import Registrar, resize_to_lattice
-from ugi_bids.engine.similarity import lncc2_loss, lncc_loss, mind_loss
+from ugi_bids.engine.optimise.instance import instance_optimise
+from ugi_bids.engine.optimise.similarity import lncc2_loss, lncc_loss, mind_loss
 from ugi_bids.engine.preprocess import normalise_intensities
-from ugi_bids.engine.volume import Volume, load_volume
+from ugi_bids.engine.registrar import Registrar, resize_to_lattice
+from ugi_bids.engine.spatial.geometry import RAS_TO_LPS, apply_affine
+from ugi_bids.engine.spatial.volume import Volume, load_volume
 
 unigradicon = pytest.importorskip("unigradicon")
 itk = pytest.importorskip("itk")
@@ -87,6 +87,7 @@ def test_world_maps_equal_reference_register_pair(brain_pair, reference_network,
     assert np.max(np.abs(ours_ba - theirs_ba) / fixed.grid.spacing) < 1e-3
 
 
+@pytest.mark.slow
 def test_one_io_step_gives_the_reference_loss(brain_pair, reference_network, registrar):
     fixed_path, moving_path = brain_pair
     fixed = normalise_intensities(load_volume(fixed_path), "mri")

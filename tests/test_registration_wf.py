@@ -27,7 +27,7 @@ def test_interface_passes_precision_to_the_engine(monkeypatch, tmp_path):
             open(path, "wb").close()
         return {}
 
-    monkeypatch.setattr(interfaces.engine_files, "register_images", register_images)
+    monkeypatch.setattr(interfaces.files, "register_images", register_images)
     for name in ("fixed.nii.gz", "moving.nii.gz", "prealign.h5"):
         (tmp_path / name).write_bytes(b"x")
     node = interfaces.UniGradICON(fixed_image=str(tmp_path / "fixed.nii.gz"),

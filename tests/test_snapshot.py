@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ugi_bids.engine.snapshot import WeightSnapshot
+from ugi_bids.engine.optimise.snapshot import WeightSnapshot
 
 
 def _module() -> nn.Module:
