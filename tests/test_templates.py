@@ -228,20 +228,32 @@ def test_template_only_in_the_home(shared_home, tmp_path, monkeypatch):
         2, "bids:templateflow:tpl-Study/tpl-Study_res-02_T1w.nii.gz")
 
 
-def test_global_templateflow_client_is_reused(templateflow_imported, monkeypatch):
+def test_global_templateflow_client_is_reused(tmp_path):
     """On the home templateflow.api was imported with, its client (indexed already when
-    niworkflows was imported) serves the look-ups."""
-    import templateflow.api
-    import templateflow.conf
+    niworkflows was imported) serves the look-ups. In a fresh interpreter: in this one,
+    templateflow may have been imported on another home by an earlier test."""
+    import subprocess
+    import sys
 
-    if Path(templateflow.conf.TF_HOME) != templateflow_imported:
-        pytest.skip("templateflow was imported before this module, on another home")
-    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(templateflow_imported))
-    with pytest.raises(errors.TemplateError) as info:
-        ut.resolve_template(SpaceSpec(NLIN6), download=False)
-    assert "empty placeholder" in _assert_offline_error(
-        info.value, templateflow_imported, f"tpl-{NLIN6}/tpl-{NLIN6}_res-01_T1w.nii.gz")
-    assert ut._HOME_CLIENTS[templateflow_imported] is templateflow.api
+    home = bidsdata.add_placeholder_template(tmp_path / "tf", NLIN6).parent
+    script = f"""
+import importlib, templateflow.api
+from ugi_bids import errors
+from ugi_bids.config import SpaceSpec
+from ugi_bids.utils import templates as ut
+importlib.import_module("niworkflows.utils.spaces")
+try:
+    ut.resolve_template(SpaceSpec({NLIN6!r}), download=False)
+except errors.TemplateError as error:
+    print(error.exit_code, "empty placeholder" in str(error))
+print(ut._HOME_CLIENTS[ut.templateflow_home()] is templateflow.api)
+"""
+    env = dict(os.environ, TEMPLATEFLOW_HOME=str(home), TEMPLATEFLOW_AUTOUPDATE="0",
+               UGI_BIDS_HOME=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["66", "True", "True"]
 
 
 def test_unknown_names_cohorts(home):
