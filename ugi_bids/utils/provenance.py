@@ -330,9 +330,13 @@ def collect_boilerplate(workflow: Any) -> str:
     """The Markdown citation boilerplate of a workflow and all its sub-workflows.
 
     Works on plain nipype workflows and on niworkflows' ``LiterateWorkflow`` (which declares
-    ``__desc__``/``__postdesc__``); like ``LiterateWorkflow.visit_desc``, a text repeated by
-    several sub-workflows (e.g. one per output space) appears once. Paragraphs are separated by
-    blank lines.
+    ``__desc__``/``__postdesc__``); a text repeated by several sub-workflows (e.g. one per
+    output space) appears once. Paragraphs are separated by blank lines.
+
+    Not ``LiterateWorkflow.visit_desc``: it removes repeats only of whole sub-workflow texts,
+    so two participants whose sessions differ (one with a T2w) would print every template's
+    registration paragraph twice, and it concatenates the texts as written (no dedent, no
+    paragraph breaks). This walk is the same traversal, with repeats removed per paragraph.
     """
     fragments: list[str] = []
     _collect_fragments(workflow, fragments)
