@@ -372,8 +372,8 @@ def _same_arrays(a: WorldTransform, b: WorldTransform) -> None:
 @pytest.mark.parametrize("kind", ["ours float", "ours double", "ours gzip", "ours affine",
                                   "itk float", "itk double", "itk gzip"])
 def test_reader_gives_itks_numbers_exactly(tmp_path, itk, kind):
-    """nitransforms' decoding (the default for these files) gives exactly the arrays that ITK's
-    own reader gives: the resampling and Jacobians of the files we write depend on them."""
+    """The default (h5py) decoding gives exactly the arrays that ITK's own reader gives: the
+    resampling and Jacobians of the files we write depend on them."""
     who, option = kind.split()
     transform = _small_transform(field=option != "affine")
     options = {"double": {"precision": "double"}, "gzip": {"compression": True}}.get(option, {})
@@ -434,8 +434,9 @@ def test_reads_centred_affine_composites(tmp_path, itk, precision):
 
 
 def test_reads_matrix_offset_entries_and_plain_lists(tmp_path, itk):
-    """Files nitransforms does not parse: a MatrixOffsetTransformBase entry (ITK's Python reader
-    cannot load it either) and a plain transform list without a CompositeTransform."""
+    """Files nitransforms does not parse (one reason the reader is ours): a
+    MatrixOffsetTransformBase entry (ITK's Python reader cannot load it either) and a plain
+    transform list without a CompositeTransform."""
     h5py = pytest.importorskip("h5py")
     transform = _small_transform()
     centred = _itk_affine(itk, itk.D, transform.affine, centre=(10.5, -20.25, 30.125))
@@ -463,7 +464,7 @@ def test_reads_matrix_offset_entries_and_plain_lists(tmp_path, itk):
 
 def test_module_imports_nothing_heavy():
     """The file-format module loads neither torch nor ITK nor the workflow stack (layering), and
-    nitransforms only when a file is read or written."""
+    nitransforms only when a displacement-field NIfTI is written."""
     code = ("import sys, ugi_bids.engine.formats.itk; "
             "print(sorted(m for m in ('torch', 'itk', 'nipype', 'niworkflows', 'bids', "
             "'templateflow', 'nitransforms') if m in sys.modules))")

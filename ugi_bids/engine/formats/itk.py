@@ -21,9 +21,10 @@ antspyx) convert float transforms on read, which halves the size of the dense fi
 affine parameters stay float64 in either precision (ITK reads the dataset's own type), so the
 affine loses nothing. ``precision="double"`` stores the field as float64 too.
 
-Reading (:func:`read_composite_h5`) decodes composite HDF5 files with nitransforms
-(``nitransforms.io.itk.ITKCompositeH5``, what fMRIPrep applies these files with) and hands every
-other transform file (``.mat``, ``.txt``, HDF5 files with other transform types) to ITK.
+Reading (:func:`read_composite_h5`) decodes HDF5 files of affines and displacement fields
+itself (:func:`_read_items_h5` says why not with nitransforms) and hands every other transform
+file (``.mat``, ``.txt``, HDF5 files with other transform types) to ITK. The displacement-field
+NIfTI is encoded by nitransforms (``ITKDisplacementsField.to_image``).
 """
 
 from __future__ import annotations
@@ -277,33 +278,22 @@ def _h5_parameters(group, label: str):
     raise KeyError(f"transform without {label}")
 
 
-def _field_from_nitransforms(image) -> DisplacementField:
-    """A field as nitransforms decodes it (NIfTI image: RAS grid affine, (i, j, k, 3) RAS mm
-    vectors in float64 holding the file's float32/float64 values) -> :class:`DisplacementField`.
-    ``astype`` keeps nitransforms' memory layout, which is the one the field always had."""
-    return DisplacementField(Grid(image.shape[:3], image.affine),
-                             np.asarray(image.dataobj).astype(np.float32))
-
-
 def _read_items_h5(path: str) -> list | None:
     """Queue items of an ITK HDF5 transform file, or None when it holds types only ITK knows.
 
-    Displacement fields are decoded by nitransforms' ``ITKCompositeH5`` (ITK's buffer order, LPS
-    -> RAS vectors and grid). It reads only files with a CompositeTransform in front and
-    AffineTransforms and fields behind it (all ours, ANTs' and fMRIPrep's); fields in other
-    files (a plain transform list, a MatrixOffsetTransformBase entry, which ITK's Python reader
-    cannot load) are decoded here, as ITK's own reader's output is. Linear entries are always read
-    here: nitransforms keeps an affine's centre (FixedParameters) in float32 and composes it in
-    another order, which would change the last bits of affines with a non-zero centre (ANTs').
+    Decoded here, not by nitransforms' ``ITKCompositeH5``: that reads only files with a
+    CompositeTransform in front (not plain lists, nor MatrixOffsetTransformBase entries, which
+    ITK's Python reader cannot load either), keeps an affine's centre in float32 (the last bits
+    of ANTs' centred affines would change), and decodes fields in float64 (190 instead of
+    127 MiB for a 177^3 field). A second decoder for the files it does read would give the same
+    numbers through another path, so there is one: ITK's buffer order (k, j, i), LPS -> RAS.
     """
     import h5py
-    from nitransforms.io.itk import ITKCompositeH5
 
-    items, fields = {}, {}
+    items = {}
     with h5py.File(path, "r") as handle:
         root = handle["TransformGroup"]
         names = sorted(root, key=int)
-        nitransforms_reads = True
         for position, name in enumerate(names):
             group = root[name]
             kind = group["TransformType"][0]
@@ -313,7 +303,6 @@ def _read_items_h5(path: str) -> list | None:
                 if position:
                     return None
                 continue
-            nitransforms_reads &= position > 0 and base != "MatrixOffsetTransformBase"
             if not kind.endswith("_3_3"):
                 raise InputDataError(f"transform file {path} holds a non-3D transform ({kind})")
             if base in _H5_LINEAR:
@@ -327,16 +316,10 @@ def _read_items_h5(path: str) -> list | None:
                 if len(fixed) != 18 or params.size != 3 * int(np.prod(shape)):
                     raise InputDataError(f"transform file {path}: displacement field parameters "
                                          "do not match its size")
-                fields[name] = fixed, params, shape
+                items[name] = ("field", _field_from_lps(
+                    fixed, params[()].reshape(shape[::-1] + (3,))))
             else:
                 return None
-        decoded = {}
-        if fields and nitransforms_reads:
-            # one entry per group after the first, in h5py's iteration (name) order
-            decoded = dict(zip(list(root)[1:], ITKCompositeH5.from_h5obj(handle), strict=True))
-        for name, (fixed, params, shape) in fields.items():
-            items[name] = ("field", _field_from_nitransforms(decoded[name]) if decoded else
-                           _field_from_lps(fixed, params[()].reshape(shape[::-1] + (3,))))
     return [items[name] for name in names if name in items]
 
 
