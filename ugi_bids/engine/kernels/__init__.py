@@ -7,8 +7,8 @@ here and define their kernels only ``if numba is not None``.
 
 Modules: ``lattice`` (trilinear reads of numpy volumes at voxel indices, on regular lattices and
 along chains of maps; no torch, so :mod:`ugi_bids.engine.spatial` can use it), ``layout``
-(ITK's field buffer order; no torch), ``dispatch`` (whether the kernels take given tensors, and
-their thread count), ``chain`` (map composition for the cascade), ``trilinear``,
+(ITK's field buffer order; no torch), ``dispatch`` (whether the kernels take given tensors;
+their thread count is ``lattice.match_threads``), ``chain`` (map composition for the cascade), ``trilinear``,
 ``upsample_join``, ``narrow_conv``, ``separable`` and ``mattes_mi`` (autograd-aware kernels of
 the network, instance optimisation and pre-alignment).
 """

@@ -6,8 +6,8 @@ quantities (``align_corners=True``, border clamping) with all threads and float6
 inside, so they are closer to the exact value than ``grid_sample`` itself (about 1e-5 voxel vs
 1e-4 on white-noise fields).
 
-Coordinates are normalised lattice coordinates as in :mod:`ugi_bids.engine.model.network`: a point is
-an (a0, a1, a2) triple, ``a_k`` in [0, 1] along tensor axis k (grid spacing 1 / (n_k - 1)), held
+Coordinates are normalised lattice coordinates as in :mod:`ugi_bids.engine.model.network`: a
+point is an (a0, a1, a2) triple, ``a_k`` in [0, 1] along tensor axis k (grid spacing 1 / (n_k - 1)), held
 channels-last: (..., 3) float32. Tables are channels-last too: (n0, n1, n2, C).
 
 On other devices (CUDA) the same functions fall back to ``grid_sample``, which is fast there.
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernels_apply, match_torch_threads
-from .lattice import _chain_kernel
+from .dispatch import kernels_apply
+from .lattice import _chain_kernel, match_threads
 
 
 def _grid_sample(table: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def chain(shape, start: torch.Tensor | None, displacements: list[torch.Tensor],
     dummy = np.zeros((1, 1, 1, 3), dtype=np.float32)
     tables = [d.contiguous().numpy() for d in displacements] + [dummy] * (3 - len(displacements))
     out = torch.empty((*shape, 1 if image is not None else 3), dtype=torch.float32)
-    match_torch_threads()
+    match_threads()
     _chain_kernel(dummy if start is None else start.contiguous().numpy(), start is not None,
                   *tables, len(displacements),
                   dummy[..., :1] if image is None else image.contiguous()[..., None].numpy(),

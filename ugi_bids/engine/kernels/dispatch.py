@@ -1,11 +1,11 @@
-"""Where the compiled kernels run: float32 tensors on the CPU, with torch's thread count."""
+"""Where the compiled kernels run: float32 tensors on the CPU (their thread count:
+:func:`ugi_bids.engine.kernels.lattice.match_threads`)."""
 
 from __future__ import annotations
 
 import torch
 
 from . import numba
-from .lattice import match_threads
 
 
 def kernels_apply(*tensors: torch.Tensor) -> bool:
@@ -14,9 +14,3 @@ def kernels_apply(*tensors: torch.Tensor) -> bool:
     use PyTorch's own operations."""
     return numba is not None and all(t.device.type == "cpu" and t.dtype == torch.float32
                                      for t in tensors)
-
-
-def match_torch_threads() -> int:
-    """Give the compiled kernels as many threads as torch uses (``--omp-nthreads``), within
-    numba's pool; returns that count."""
-    return match_threads()

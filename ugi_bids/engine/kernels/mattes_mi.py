@@ -7,8 +7,8 @@ information; then its gradient with respect to ``A``. Through autograd that cost
 evaluation on one thread; this kernel computes the loss and the analytic gradient in two passes
 over the samples (~1 ms), in float64.
 
-It is the same function as :func:`ugi_bids.engine.prealign.affine.mutual_information_loss` applied to
-the output of ``_sample_moving`` (``grid_sample``, trilinear, zeros outside,
+It is the same function as
+:func:`ugi_bids.engine.prealign.metrics.mutual_information_loss` applied to the output of ``_sample_moving`` (``grid_sample``, trilinear, zeros outside,
 ``align_corners=True``); the tests compare value and gradient against that autograd path.
 
 Geometry: the moving point of fixed sample ``p`` (mm, relative to the fixed centre) is

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import njit, numba, prange
-from .dispatch import kernels_apply, match_torch_threads
+from .dispatch import kernels_apply
+from .lattice import match_threads
 
 #: Lattice planes per GEMM (the columns of 4 planes at 175^2 are 40 MB).
 SLAB_PLANES = 4
@@ -52,7 +53,7 @@ def weight_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     padded = F.pad(grad, (1,) * 6).permute(0, 2, 3, 4, 1)[0].contiguous()
     total = torch.zeros(channels, 27 * outputs, dtype=torch.float32)
     columns = torch.empty(min(SLAB_PLANES, n0), n1, n2, 27, outputs, dtype=torch.float32)
-    match_torch_threads()
+    match_threads()
     for first in range(0, n0, SLAB_PLANES):
         planes = min(SLAB_PLANES, n0 - first)
         slab = columns[:planes]

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from . import njit, numba, prange
-from .dispatch import kernels_apply, match_torch_threads
+from .dispatch import kernels_apply
+from .lattice import match_threads
 
 if numba is not None:
     @njit(parallel=True, cache=True, nogil=True)
@@ -62,7 +63,7 @@ def convolve_axis(tensor: torch.Tensor, taps: torch.Tensor, axis: int) -> torch.
     outer = int(np.prod(source.shape[:axis], dtype=np.int64))
     inner = int(np.prod(source.shape[axis + 1:], dtype=np.int64))
     out = torch.empty_like(source)
-    match_torch_threads()
+    match_threads()
     weights = taps.detach().to(torch.float32).contiguous().numpy()
     if inner == 1:
         _along_last(source.view(outer, -1).numpy(), weights, out.view(outer, -1).numpy())

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import njit, numba, prange
-from .dispatch import kernels_apply, match_torch_threads
+from .dispatch import kernels_apply
+from .lattice import match_threads
 
 #: Most thread-private image-gradient buffers (each the size of the sampled image).
 MAX_GRADIENT_BUFFERS = 8
@@ -182,7 +183,7 @@ class _TrilinearSample(torch.autograd.Function):
         image_c = image[0].contiguous()
         coords_c = coords[0].reshape(3, -1).contiguous()
         out = torch.empty(image.shape[1], coords_c.shape[1], dtype=torch.float32)
-        match_torch_threads()
+        match_threads()
         _forward_kernel(image_c.numpy(), coords_c.numpy(), out.numpy(), border)
         ctx.save_for_backward(image_c, coords_c)
         ctx.border = border
@@ -195,7 +196,7 @@ class _TrilinearSample(torch.autograd.Function):
         image_shape, coords_shape = ctx.shapes
         want_image, want_coords = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_flat = grad_out[0].reshape(image_shape[1], -1).contiguous()
-        chunks = min(match_torch_threads(), MAX_GRADIENT_BUFFERS) if want_image else 1
+        chunks = min(match_threads(), MAX_GRADIENT_BUFFERS) if want_image else 1
         grad_parts = torch.zeros((chunks, *image_c.shape) if want_image else (1, 1, 1, 1, 1),
                                  dtype=torch.float32)
         grad_coords = torch.empty_like(coords_c) if want_coords else torch.empty(3, 1)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import njit, numba, prange
-from .dispatch import kernels_apply, match_torch_threads
+from .dispatch import kernels_apply
+from .lattice import match_threads
 
 if numba is not None:
     @njit(parallel=True, cache=True, nogil=True)
@@ -180,5 +181,5 @@ def upsample_add_join(y: torch.Tensor, r: torch.Tensor, skip: torch.Tensor) -> t
         up = F.interpolate(r, scale_factor=2, mode="trilinear", align_corners=False)
         x = (y + up)[:, :, :skip.shape[2], :skip.shape[3], :skip.shape[4]]
         return torch.cat([x, skip], 1)
-    match_torch_threads()
+    match_threads()
     return _UpsampleAddJoin.apply(y, r, skip)
