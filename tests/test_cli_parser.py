@@ -633,6 +633,45 @@ def test_choices_are_the_engines():
     assert set(cli.FILTER_QUERIES.values()) == set(SUFFIX_MODALITY)
 
 
+def test_defaults_are_the_engines():
+    """Config, ugi-register, the interfaces' traits and the Registrar take their defaults
+    from ugi_bids.engine.options: one place to change one."""
+    import inspect
+
+    from ugi_bids.cli.register import build_parser as build_register_parser
+    from ugi_bids.engine import options
+    from ugi_bids.engine.registrar import Registrar
+    from ugi_bids.interfaces import registration as interfaces
+
+    expected = {"model": options.DEFAULT_MODEL, "prealign": options.DEFAULT_PREALIGN,
+                "io_similarity": options.DEFAULT_SIMILARITY, "device": options.DEFAULT_DEVICE,
+                "precision": options.DEFAULT_PRECISION, "io_iterations": options.IO_STEPS,
+                "io_checkpointing": options.DEFAULT_IO_CHECKPOINTING}
+    config = Config(bids_dir=Path("/b"), output_dir=Path("/o"))
+    register_defaults = vars(build_register_parser().parse_args(
+        ["--fixed", "f", "--moving", "m", "--fixed-modality", "mri", "--moving-modality", "mri",
+         "--out-prefix", "p"]))
+    node = interfaces.UniGradICON().inputs
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+        assert register_defaults[name] == value, name
+        if name != "prealign":  # the node's is Prealign.mode, checked below
+            assert getattr(node, name) == value, name
+    assert interfaces.Prealign().inputs.mode == options.DEFAULT_PREALIGN
+    assert register_defaults["masking"] == options.DEFAULT_MASKING
+    assert interfaces.ApplyTransform().inputs.interpolation == options.DEFAULT_INTERPOLATION
+    init = inspect.signature(Registrar.__init__).parameters
+    register = inspect.signature(Registrar.register).parameters
+    assert (init["model"].default, init["device"].default, init["precision"].default,
+            init["io_checkpointing"].default) == (
+        options.DEFAULT_MODEL, options.DEFAULT_DEVICE, options.DEFAULT_PRECISION,
+        options.DEFAULT_IO_CHECKPOINTING)
+    assert (register["prealign"].default, register["io_similarity"].default,
+            register["masking"].default, register["fixed_modality"].default) == (
+        options.DEFAULT_PREALIGN, options.DEFAULT_SIMILARITY, options.DEFAULT_MASKING,
+        options.DEFAULT_MODALITY)
+
+
 def test_errors_are_ugi_errors():
     assert issubclass(errors.UsageError, UgiError) and errors.UsageError.exit_code == 2
     assert issubclass(errors.AnalysisLevelError, errors.UsageError)

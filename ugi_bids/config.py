@@ -36,8 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from .engine.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_IO_CHECKPOINTING,
+    DEFAULT_MODEL,
     DEFAULT_NETWORK_SIZE,
+    DEFAULT_PREALIGN,
+    DEFAULT_PRECISION,
+    DEFAULT_SIMILARITY,
     DEVICES,
+    IO_STEPS,
     IO_CHECKPOINTING,
     MODELS,
     PREALIGN_MODES,
@@ -56,7 +63,7 @@ else:  # Python 3.10: the same parser, as the ``tomli`` package
 SUFFIX_MODALITY = {"T1w": "mri", "T2w": "mri", "FLAIR": "mri", "PDw": "mri", "CT": "ct"}
 ANALYSIS_LEVELS = ("participant", "group")
 #: ``bids_filters`` query names and the BIDS suffix each one selects.
-FILTER_QUERIES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "pdw": "PDw", "ct": "CT"}
+FILTER_QUERIES = {suffix.lower(): suffix for suffix in SUFFIX_MODALITY}
 #: Nipype execution plugins (``plugin``, ``--use-plugin``).
 PLUGINS = ("MultiProc", "Linear", "SLURM", "SLURMGraph", "SGE", "PBS", "LSF")
 _LABEL = re.compile(r"[A-Za-z0-9]+")
@@ -115,14 +122,14 @@ class Config:
     output_spaces: list[SpaceSpec] = field(
         default_factory=lambda: [SpaceSpec("MNI152NLin2009cAsym")])
     # registration
-    model: str = "unigradicon"
+    model: str = DEFAULT_MODEL
     weights: Path | None = None
-    io_iterations: int = 50
-    io_similarity: str = "lncc"
-    prealign: str = "affine"
-    device: str = "auto"
-    precision: str = "float32"
-    io_checkpointing: str = "auto"
+    io_iterations: int = IO_STEPS
+    io_similarity: str = DEFAULT_SIMILARITY
+    prealign: str = DEFAULT_PREALIGN
+    device: str = DEFAULT_DEVICE
+    precision: str = DEFAULT_PRECISION
+    io_checkpointing: str = DEFAULT_IO_CHECKPOINTING
     gpu_procs: int = 1
     sloppy: bool = False
     # performance

@@ -25,7 +25,15 @@ import numpy as np
 
 from .. import __version__
 from ..engine.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_INTERPOLATION,
+    DEFAULT_IO_CHECKPOINTING,
+    DEFAULT_MASKING,
+    DEFAULT_MODEL,
     DEFAULT_NETWORK_SIZE,
+    DEFAULT_PREALIGN,
+    DEFAULT_PRECISION,
+    DEFAULT_SIMILARITY,
     INTERPOLATIONS,
     IO_CHECKPOINTING,
     IO_LEARNING_RATE,
@@ -59,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output prefix, e.g. out/sub-01 (folders are created)")
     io.add_argument("--fixed-mask", "--fixed_mask", help="mask of the fixed image (non-zero = in)")
     io.add_argument("--moving-mask", "--moving_mask", help="mask of the moving image")
-    io.add_argument("--masking", choices=MASKING_MODES, default="input",
+    io.add_argument("--masking", choices=MASKING_MODES, default=DEFAULT_MASKING,
                     help="how masks are used: multiplied into the inputs (input, default) or "
                          "restricting the IO similarity (loss)")
     io.add_argument("--displacement-nifti", action="store_true",
@@ -68,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the log-Jacobian determinant of the forward map on the "
                          "fixed grid (P_logjacobian.nii.gz)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="unigradicon", choices=MODELS)
+    model.add_argument("--model", default=DEFAULT_MODEL, choices=MODELS)
     model.add_argument("--weights", help="weights file (overrides the cache)")
     model.add_argument("--download-weights", action="store_true",
                        help="download the weights into the cache when absent")
-    model.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
-    model.add_argument("--precision", choices=PRECISIONS, default="float32",
+    model.add_argument("--device", default=DEFAULT_DEVICE, help="auto (default), cpu or cuda[:N]")
+    model.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                        help="network arithmetic on CUDA: float32 (default, full precision) or "
                             "tf32 (opt-in, faster on tensor-core GPUs, slightly different "
                             "maps); the same on a CPU")
@@ -81,17 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="network input grid N^3 (175 is the released model's; smaller is "
                             "only for quick looks and tests)")
     reg = parser.add_argument_group("registration")
-    reg.add_argument("--prealign", choices=PREALIGN_MODES, default="affine",
+    reg.add_argument("--prealign", choices=PREALIGN_MODES, default=DEFAULT_PREALIGN,
                      help="world-space pre-alignment: none (voxel-grid correspondence, as the "
                           "published tool), header (trust the headers), affine (default)")
     reg.add_argument("--io-iterations", "--io_iterations", type=_io_steps, default=IO_STEPS,
                      help=f"instance-optimisation steps (default {IO_STEPS}; 0 or None = off)")
-    reg.add_argument("--io-checkpointing", choices=tuple(IO_CHECKPOINTING), default="auto",
+    reg.add_argument("--io-checkpointing", choices=tuple(IO_CHECKPOINTING),
+                     default=DEFAULT_IO_CHECKPOINTING,
                      help="recompute the U-Nets' activations during IO (on: about 5.8 GB at "
                           "175^3), keep them (off: about 9.5 GB, steps about 15 %% shorter on a "
                           "CPU) or let the engine choose (auto, default: on for the CPU, off on "
                           "a GPU with room); the maps are the same")
-    reg.add_argument("--io-similarity", "--io_sim", choices=SIMILARITIES, default="lncc")
+    reg.add_argument("--io-similarity", "--io_sim", choices=SIMILARITIES,
+                     default=DEFAULT_SIMILARITY)
     reg.add_argument("--io-lr", "--io_lr", type=float, default=IO_LEARNING_RATE,
                      help=f"IO learning rate (default {IO_LEARNING_RATE})")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -242,7 +252,7 @@ def build_warp_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", "--warped_moving_out", dest="out", required=True)
     interp = parser.add_mutually_exclusive_group()
     interp.add_argument("--interpolation", choices=INTERPOLATIONS,
-                        default="linear")
+                        default=DEFAULT_INTERPOLATION)
     interp.add_argument("--nearest_neighbor", "--nearest-neighbor", dest="interpolation",
                         action="store_const", const="nearest")
     interp.add_argument("--linear", dest="interpolation", action="store_const", const="linear")

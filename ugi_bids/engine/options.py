@@ -13,6 +13,7 @@ DEFAULT_MODEL = "unigradicon"
 
 #: Intensity models: MRI windows [min, 99th percentile], CT [-1000, 1000] HU.
 MODALITIES = ("mri", "ct")
+DEFAULT_MODALITY = "mri"
 
 #: Pre-alignment: ``none`` (the published tool's voxel-grid correspondence), ``header`` (trust
 #: the headers' world coordinates) or ``affine`` (fit an affine in world space).
@@ -21,6 +22,7 @@ DEFAULT_PREALIGN = "affine"
 
 #: Masks: multiplied into the normalised ``input``, or restricting the IO ``loss``.
 MASKING_MODES = ("input", "loss")
+DEFAULT_MASKING = "input"
 
 #: Instance-optimisation similarities (:mod:`ugi_bids.engine.optimise.similarity`).
 SIMILARITIES = ("lncc", "lncc2", "mind")
@@ -33,12 +35,15 @@ IO_LEARNING_RATE = 2e-5
 #: Activation checkpointing in IO, as the command lines spell it: recompute (``on``), keep
 #: (``off``) or let the engine choose (``auto``, ``None``).
 IO_CHECKPOINTING = {"auto": None, "on": True, "off": False}
+DEFAULT_IO_CHECKPOINTING = "auto"
 
 #: Compute devices; ``auto`` takes a CUDA GPU where one is visible.
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_DEVICE = "auto"
 
 #: Network arithmetic: full ``float32`` (default) or cuDNN's ``tf32`` on a GPU.
 PRECISIONS = ("float32", "tf32")
+DEFAULT_PRECISION = "float32"
 
 #: Network input grid: 175^3 is the released model; smaller grids only for quick looks/tests.
 DEFAULT_NETWORK_SIZE = 175
@@ -48,3 +53,4 @@ SLOPPY_NETWORK_SIZE = 65
 
 #: Resampling: trilinear, nearest neighbour, or ANTs' ``GenericLabel``.
 INTERPOLATIONS = ("linear", "nearest", "label")
+DEFAULT_INTERPOLATION = "linear"

@@ -43,6 +43,14 @@ from .model.network import identity_grid
 from .model.precision import effective_precision
 from .optimise.instance import PairMaps, checkpointing_setting, instance_optimise
 from .options import (
+    DEFAULT_DEVICE,
+    DEFAULT_IO_CHECKPOINTING,
+    DEFAULT_MASKING,
+    DEFAULT_MODALITY,
+    DEFAULT_MODEL,
+    DEFAULT_PREALIGN,
+    DEFAULT_PRECISION,
+    DEFAULT_SIMILARITY,
     DEFAULT_NETWORK_SIZE,
     IO_LEARNING_RATE,
     IO_STEPS,
@@ -174,7 +182,7 @@ def transforms_from_maps(pair: NetworkPair, maps: PairMaps, size: int
     return WorldTransform(a, forward_field), WorldTransform(a_inv, inverse_field)
 
 
-def prealignment(fixed: Volume, moving: Volume, mode: str = "affine", *,
+def prealignment(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREALIGN, *,
                  network_size: int = DEFAULT_NETWORK_SIZE,
                  fixed_mask: np.ndarray | None = None,
                  moving_mask: np.ndarray | None = None,
@@ -183,8 +191,8 @@ def prealignment(fixed: Volume, moving: Volume, mode: str = "affine", *,
 
     ``none``: the voxel-grid correspondence of the published tool (the moving network box
     composed with the inverse of the fixed one; depends on ``network_size``), ``header``: the
-    identity, ``affine``: :func:`ugi_bids.engine.prealign.affine.prealign` (centre of mass + affine fit,
-    restricted to the boolean masks on each image's grid when given).
+    identity, ``affine``: :func:`ugi_bids.engine.prealign.affine.prealign` (centre of mass +
+    affine fit, restricted to the boolean masks on each image's grid when given).
     """
     check_options(prealign=mode)
     if mode == "none":
@@ -266,9 +274,10 @@ class Registrar:
     :func:`ugi_bids.engine.optimise.instance.io_checkpointing`). The maps are the same either way.
     """
 
-    def __init__(self, model: str = "unigradicon", weights=None, *, device="auto",
+    def __init__(self, model: str = DEFAULT_MODEL, weights=None, *, device=DEFAULT_DEVICE,
                  network_size: int = DEFAULT_NETWORK_SIZE, download: bool = False,
-                 precision: str = "float32", io_checkpointing: str = "auto"):
+                 precision: str = DEFAULT_PRECISION,
+                 io_checkpointing: str = DEFAULT_IO_CHECKPOINTING):
         from .model.weights import (
             load_network,  # here: keeps `import ugi_bids.engine` light
         )
@@ -287,11 +296,11 @@ class Registrar:
         fold_unets(self.network)  # the inference form of the weights, built once per load
         self.load_seconds = time.perf_counter() - start
 
-    def register(self, fixed: Volume, moving: Volume, *, fixed_modality: str = "mri",
-                 moving_modality: str = "mri", fixed_mask: Volume | None = None,
-                 moving_mask: Volume | None = None, masking: str = "input",
-                 prealign: str = "affine", io_iterations: int = IO_STEPS,
-                 io_similarity: str = "lncc", io_learning_rate: float = IO_LEARNING_RATE
+    def register(self, fixed: Volume, moving: Volume, *, fixed_modality: str = DEFAULT_MODALITY,
+                 moving_modality: str = DEFAULT_MODALITY, fixed_mask: Volume | None = None,
+                 moving_mask: Volume | None = None, masking: str = DEFAULT_MASKING,
+                 prealign: str = DEFAULT_PREALIGN, io_iterations: int = IO_STEPS,
+                 io_similarity: str = DEFAULT_SIMILARITY, io_learning_rate: float = IO_LEARNING_RATE
                  ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``; returns both directions as world transforms.
 
@@ -331,9 +340,10 @@ class Registrar:
                       else None})
 
     def register_many(self, fixed: Volume, movings: Iterable[Volume | str | os.PathLike], *,
-                      fixed_modality: str = "mri", moving_modality: str = "mri",
-                      fixed_mask: Volume | None = None, prealign: str = "affine",
-                      io_iterations: int = IO_STEPS, io_similarity: str = "lncc",
+                      fixed_modality: str = DEFAULT_MODALITY,
+                      moving_modality: str = DEFAULT_MODALITY,
+                      fixed_mask: Volume | None = None, prealign: str = DEFAULT_PREALIGN,
+                      io_iterations: int = IO_STEPS, io_similarity: str = DEFAULT_SIMILARITY,
                       io_learning_rate: float = IO_LEARNING_RATE) -> Iterator[RegistrationResult]:
         """Register every moving image onto one fixed image (a cohort onto a template), in
         this process, with the network loaded once.
@@ -389,7 +399,7 @@ class Registrar:
 
     def register_prealigned(self, fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *,
                             keep_storage: bool = False, loss_masks: tuple | None = None,
-                            io_iterations: int = IO_STEPS, io_similarity: str = "lncc",
+                            io_iterations: int = IO_STEPS, io_similarity: str = DEFAULT_SIMILARITY,
                             io_learning_rate: float = IO_LEARNING_RATE) -> RegistrationResult:
         """The network step on two NORMALISED volumes already related by ``prealign_affine``
         (fixed world -> moving world, RAS mm; see :func:`prealignment`).

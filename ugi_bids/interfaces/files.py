@@ -2,9 +2,10 @@
 
 The Nipype interfaces of :mod:`ugi_bids.interfaces.registration` call one of these per node
 (preprocess, pre-align, network, apply, Jacobian); each calls the engine and keeps the file
-handling (names, dtypes, atomic writes) out of both the engine and the interfaces' traits. Directions follow :mod:`ugi_bids.engine.registrar`: the *forward*
-transform maps fixed (template) points to moving (subject) points and resamples the moving
-image onto the fixed grid.
+handling (names, dtypes, atomic writes) out of both the engine and the interfaces' traits.
+Directions follow :mod:`ugi_bids.engine.registrar`: the *forward* transform maps fixed
+(template) points to moving (subject) points and resamples the moving image onto the fixed
+grid.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import nibabel as nib
 import numpy as np
 
 from ..engine.formats.staging import staged_outputs
-from ..engine.options import IO_LEARNING_RATE, IO_STEPS
+from ..engine.options import (DEFAULT_DEVICE, DEFAULT_IO_CHECKPOINTING, DEFAULT_MODEL,
+                              DEFAULT_NETWORK_SIZE, DEFAULT_PRECISION, DEFAULT_SIMILARITY, IO_LEARNING_RATE, IO_STEPS)
 from ..engine.preprocess import binarise_mask, preprocess
 from ..engine.spatial.transforms import WorldTransform
 from ..engine.spatial.volume import Volume, load_volume
@@ -65,7 +67,8 @@ def prealign_images(fixed_file: str, moving_file: str, mode: str, out_file: str,
 
 @functools.lru_cache(maxsize=2)
 def cached_registrar(model: str, weights: str | None, device: str, network_size: int,
-                     precision: str = "float32", io_checkpointing: str = "auto"):
+                     precision: str = DEFAULT_PRECISION,
+                     io_checkpointing: str = DEFAULT_IO_CHECKPOINTING):
     """One :class:`~ugi_bids.engine.registrar.Registrar` per process and settings: a worker
     process that runs several registration nodes reads and checks the weights once."""
     from ..engine.registrar import Registrar
@@ -76,11 +79,12 @@ def cached_registrar(model: str, weights: str | None, device: str, network_size:
 
 def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
                     forward_file: str, inverse_file: str, keep_storage: bool = False,
-                    model: str = "unigradicon", weights: str | None = None,
-                    device: str = "auto", precision: str = "float32",
-                    io_checkpointing: str = "auto",
-                    network_size: int = 175, io_iterations: int = IO_STEPS,
-                    io_similarity: str = "lncc", io_learning_rate: float = IO_LEARNING_RATE,
+                    model: str = DEFAULT_MODEL, weights: str | None = None,
+                    device: str = DEFAULT_DEVICE, precision: str = DEFAULT_PRECISION,
+                    io_checkpointing: str = DEFAULT_IO_CHECKPOINTING,
+                    network_size: int = DEFAULT_NETWORK_SIZE, io_iterations: int = IO_STEPS,
+                    io_similarity: str = DEFAULT_SIMILARITY,
+                    io_learning_rate: float = IO_LEARNING_RATE,
                     num_threads: int | None = None) -> dict:
     """Run uniGradICON (with instance optimisation) on two normalised, pre-aligned images.
 

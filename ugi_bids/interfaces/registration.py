@@ -18,7 +18,15 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..engine import options
 from . import files
+
+
+def _choice(default: str, choices, **metadata):
+    """An Enum trait over ``choices`` (:mod:`ugi_bids.engine.options`) whose default is
+    ``default`` (traits takes the first value as the default)."""
+    return traits.Enum(default, *(c for c in choices if c != default), usedefault=True,
+                       **metadata)
 
 
 def _optional(value):
@@ -27,7 +35,7 @@ def _optional(value):
 
 class _NormaliseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image to normalise")
-    modality = traits.Enum("mri", "ct", usedefault=True, desc="intensity window")
+    modality = _choice(options.DEFAULT_MODALITY, options.MODALITIES, desc="intensity window")
 
 
 class _NormaliseOutputSpec(TraitedSpec):
@@ -50,8 +58,9 @@ class NormaliseIntensities(SimpleInterface):
 class _PrealignInputSpec(BaseInterfaceInputSpec):
     fixed_image = File(exists=True, mandatory=True, desc="normalised fixed (template) image")
     moving_image = File(exists=True, mandatory=True, desc="normalised moving (subject) image")
-    mode = traits.Enum("affine", "header", "none", usedefault=True, desc="pre-alignment mode")
-    network_size = traits.Int(175, usedefault=True, desc="network grid (used by mode none)")
+    mode = _choice(options.DEFAULT_PREALIGN, options.PREALIGN_MODES, desc="pre-alignment mode")
+    network_size = traits.Int(options.DEFAULT_NETWORK_SIZE, usedefault=True,
+                              desc="network grid (used by mode none)")
     fixed_mask = File(exists=True, desc="mask of the fixed image (restricts the affine fit)")
 
 
@@ -79,19 +88,21 @@ class _UniGradICONInputSpec(BaseInterfaceInputSpec):
     prealign_xfm = File(exists=True, mandatory=True, desc="affine from Prealign")
     keep_storage = traits.Bool(False, usedefault=True,
                                desc="lattice over the stored grids (pre-alignment 'none')")
-    model = traits.Enum("unigradicon", "multigradicon", usedefault=True)
+    model = _choice(options.DEFAULT_MODEL, options.MODELS)
     weights = File(exists=True, desc="weights file (default: the cache)")
-    device = traits.Str("auto", usedefault=True, desc="auto, cpu or cuda[:N]")
-    precision = traits.Enum("float32", "tf32", usedefault=True,
-                            desc="network arithmetic on CUDA (tf32 is opt-in)")
-    io_checkpointing = traits.Enum("auto", "on", "off", usedefault=True,
-                                   desc="recompute (on) or keep (off) the U-Nets' activations "
-                                        "in IO; auto: the engine's choice")
+    device = traits.Str(options.DEFAULT_DEVICE, usedefault=True, desc="auto, cpu or cuda[:N]")
+    precision = _choice(options.DEFAULT_PRECISION, options.PRECISIONS,
+                        desc="network arithmetic on CUDA (tf32 is opt-in)")
+    io_checkpointing = _choice(options.DEFAULT_IO_CHECKPOINTING, options.IO_CHECKPOINTING,
+                               desc="recompute (on) or keep (off) the U-Nets' activations "
+                                    "in IO; auto: the engine's choice")
     use_gpu = traits.Bool(False, usedefault=True,
                           desc="tells nipype's MultiProc to schedule this node on a GPU slot")
-    network_size = traits.Int(175, usedefault=True, desc="network input grid N^3")
-    io_iterations = traits.Int(50, usedefault=True, desc="instance-optimisation steps")
-    io_similarity = traits.Enum("lncc", "lncc2", "mind", usedefault=True)
+    network_size = traits.Int(options.DEFAULT_NETWORK_SIZE, usedefault=True,
+                              desc="network input grid N^3")
+    io_iterations = traits.Int(options.IO_STEPS, usedefault=True,
+                               desc="instance-optimisation steps")
+    io_similarity = _choice(options.DEFAULT_SIMILARITY, options.SIMILARITIES)
     num_threads = traits.Int(1, usedefault=True, desc="CPU threads torch may use (n_procs)")
 
 
@@ -127,7 +138,7 @@ class _ApplyInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image to resample")
     transform = File(exists=True, mandatory=True, desc="mode-image transform (.h5)")
     reference = File(exists=True, mandatory=True, desc="image defining the output grid")
-    interpolation = traits.Enum("linear", "nearest", "label", usedefault=True)
+    interpolation = _choice(options.DEFAULT_INTERPOLATION, options.INTERPOLATIONS)
 
 
 class _ApplyOutputSpec(TraitedSpec):

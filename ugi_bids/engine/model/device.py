@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from ...errors import DeviceUnavailableError
+from ..options import DEFAULT_DEVICE
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = DEFAULT_DEVICE) -> torch.device:
     """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is refused clearly."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

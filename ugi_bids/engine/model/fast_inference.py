@@ -2,8 +2,8 @@
 (:mod:`ugi_bids.engine.model.fused_unet`) and threaded trilinear sampling
 (:mod:`ugi_bids.engine.kernels.chain`).
 
-It computes exactly what calling the module tree of :func:`ugi_bids.engine.model.network.build_cascade`
-computes (the same interpolations at the same points, in the same order); only float32 rounding
+It computes exactly what calling the module tree of
+:func:`ugi_bids.engine.model.network.build_cascade` computes (the same interpolations at the same points, in the same order); only float32 rounding
 differs. Used for inference; instance optimisation needs gradients and runs the module tree.
 """
 

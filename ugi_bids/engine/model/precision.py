@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..options import PRECISIONS
+from ..options import DEFAULT_PRECISION, PRECISIONS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def _new_api() -> bool:
 
 
 @contextmanager
-def network_precision(device: torch.device | str, precision: str = "float32") -> Iterator[None]:
+def network_precision(device: torch.device | str, precision: str = DEFAULT_PRECISION
+                      ) -> Iterator[None]:
     """Run the enclosed network work on ``device`` in ``precision`` (see the module docstring);
     the global PyTorch settings are restored on exit."""
     check_precision(precision)

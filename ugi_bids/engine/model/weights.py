@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from ugi_bids.engine.cache import cache_dir
+from ugi_bids.engine.options import DEFAULT_MODEL
 from ugi_bids.engine.formats.staging import atomic_file, write_text_atomic
 from ugi_bids.errors import OutputError, UgiError, WeightsError, one_line
 
@@ -218,7 +219,7 @@ def _is_in_cache(path: Path) -> bool:
 # Loading and architecture check
 
 
-def load_checkpoint(path: PathLike, *, model: str = "unigradicon") -> dict:
+def load_checkpoint(path: PathLike, *, model: str = DEFAULT_MODEL) -> dict:
     """Load a state_dict with ``torch.load(path, map_location="cpu", weights_only=True)``.
 
     A missing, truncated, corrupt or non-checkpoint file raises a one-line WeightsError that
@@ -293,7 +294,7 @@ def _mismatch_message(path: Path, display: str, problems: list[str], n_state: in
             f"({n_state} tensors, expected {n_expected})")
 
 
-def checked_state_dict(path: PathLike, model: str = "unigradicon") -> dict:
+def checked_state_dict(path: PathLike, model: str = DEFAULT_MODEL) -> dict:
     """Load ``path`` and check it against the architecture (one-line WeightsError if it does not
     fit); returns the state_dict with each tensor in the network's dtype."""
     info = model_info(model)
@@ -323,7 +324,7 @@ def _owned(state: dict) -> dict:
     return owned
 
 
-def network_from_file(path: PathLike, model: str = "unigradicon", *,
+def network_from_file(path: PathLike, model: str = DEFAULT_MODEL, *,
                       device: str | torch.device = "cpu") -> nn.Module:
     """The registration network with the weights of ``path`` loaded strictly (no cache lookup,
     no checksum), on ``device``, in eval mode. Bad files raise a one-line WeightsError."""
@@ -343,7 +344,7 @@ def network_from_file(path: PathLike, model: str = "unigradicon", *,
     return network.to(device).eval()
 
 
-def load_network(model: str = "unigradicon", weights: PathLike | None = None, *,
+def load_network(model: str = DEFAULT_MODEL, weights: PathLike | None = None, *,
                  device: str | torch.device = "cpu",
                  download: bool = False) -> tuple[nn.Module, WeightsRecord]:
     """The registration network with ``model``'s weights, strictly loaded, on ``device``, in
@@ -361,7 +362,7 @@ def load_network(model: str = "unigradicon", weights: PathLike | None = None, *,
 # Resolution
 
 
-def resolve_weights(model: str = "unigradicon", weights: PathLike | None = None, *,
+def resolve_weights(model: str = DEFAULT_MODEL, weights: PathLike | None = None, *,
                     download: bool = False) -> Path:
     """The weights file to use: ``weights`` if given (must exist), else the cached file; when
     that is absent, :func:`fetch` it if ``download`` is true, else raise a one-line WeightsError
@@ -407,7 +408,7 @@ def _same_file(path: Path, other: Path) -> bool:
         return False
 
 
-def check_pin(path: PathLike, model: str = "unigradicon", digest: str | None = None) -> str:
+def check_pin(path: PathLike, model: str = DEFAULT_MODEL, digest: str | None = None) -> str:
     """SHA-256 of ``path`` (``digest`` if already known, else :func:`file_sha256`); a one-line
     WeightsError when ``model`` pins another SHA-256 (no pin: nothing to check)."""
     info = model_info(model)

@@ -22,7 +22,8 @@ from torch import nn
 from ..model.fast_inference import cascade_map, cascade_transform, drop_folded_unets
 from ..model.network import CoordinateMap, FunctionFromVectorField, identity_grid, warp
 from ..model.precision import check_precision, network_precision
-from ..options import IO_CHECKPOINTING, IO_LEARNING_RATE, IO_STEPS
+from ..options import (DEFAULT_PRECISION, DEFAULT_SIMILARITY, IO_CHECKPOINTING, IO_LEARNING_RATE,
+                       IO_STEPS)
 from .similarity import SimilarityFn, get_similarity
 from .snapshot import WeightSnapshot
 
@@ -112,13 +113,13 @@ def pair_objective(cascade: nn.Module, image_a, image_b, similarity: SimilarityF
 
 @torch.no_grad()
 def infer_maps(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, *,
-               fast: bool = True, precision: str = "float32") -> PairMaps:
+               fast: bool = True, precision: str = DEFAULT_PRECISION) -> PairMaps:
     """Both directions without instance optimisation, one after the other (half the memory of
     a batch of two).
 
     ``fast`` evaluates the cascade with folded U-Nets and threaded sampling
-    (:func:`ugi_bids.engine.model.fast_inference.cascade_map`); ``False`` calls the module tree as the
-    reference does. Both give the same maps up to float32 rounding. ``precision``: see
+    (:func:`ugi_bids.engine.model.fast_inference.cascade_map`); ``False`` calls the module tree
+    as the reference does. Both give the same maps up to float32 rounding. ``precision``: see
     :mod:`ugi_bids.engine.model.precision` (matters on CUDA only).
     """
     start = time.perf_counter()
@@ -169,12 +170,12 @@ def checkpointing_setting(name: str) -> bool | None:
 
 
 def instance_optimise(cascade: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, *,
-                      steps: int = IO_STEPS, similarity: str = "lncc",
+                      steps: int = IO_STEPS, similarity: str = DEFAULT_SIMILARITY,
                       learning_rate: float = IO_LEARNING_RATE, lmbda: float = GRADICON_LAMBDA,
                       mask_a: torch.Tensor | None = None,
                       mask_b: torch.Tensor | None = None,
                       checkpointing: bool | None = None,
-                      precision: str = "float32") -> PairMaps:
+                      precision: str = DEFAULT_PRECISION) -> PairMaps:
     """Fine-tune all network weights on this pair (Adam), return the maps of the tuned network,
     and restore the original weights (pairs never leak into each other).
 

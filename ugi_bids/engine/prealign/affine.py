@@ -60,6 +60,7 @@ from scipy import ndimage
 
 from ...errors import InputDataError
 from ..kernels import mattes_mi
+from ..options import DEFAULT_PREALIGN
 from ..spatial.geometry import apply_affine
 from ..spatial.volume import Volume
 from .metrics import bspline_memberships, mutual_information_loss, ncc_loss
@@ -463,7 +464,7 @@ def _optimise(fixed_levels: list, moving_levels: list, centre: np.ndarray, radiu
     return matrix, translation
 
 
-def prealign(fixed: Volume, moving: Volume, mode: str = "affine", *, fixed_mask=None,
+def prealign(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREALIGN, *, fixed_mask=None,
              moving_mask=None, metric: str = "auto",
              settings: PrealignSettings | None = None,
              prepared: FixedSide | None = None) -> np.ndarray:

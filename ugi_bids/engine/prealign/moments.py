@@ -11,7 +11,8 @@ from ..spatial.volume import Volume
 
 
 def check_finite(volume: Volume, what: str) -> None:
-    """Refuse (InputDataError, exit 65) a volume that is not a non-empty 3D array of finite values."""
+    """Refuse (InputDataError, exit 65) a volume that is not a non-empty 3D array of finite
+    values."""
     if volume.data.ndim != 3 or min(volume.data.shape) < 1:
         raise InputDataError(f"{what} must be a non-empty 3D volume, got shape {volume.data.shape}")
     if not np.all(np.isfinite(volume.data)):
