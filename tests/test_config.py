@@ -241,9 +241,9 @@ def stand_in_run(site, monkeypatch):
 
     def resolve_resources(config):
         config.weights = site / "cache" / "Step_2_final.trch"  # as the real one resolves it
-        return {}
+        return {}, [], []
 
-    def init_ugi_wf(config, subjects, templates, use_gpu=False):
+    def init_ugi_wf(config, subjects, templates, use_gpu=False, atlases=(), libraries=()):
         workflow = LiterateWorkflow(name="ugi_bids_test_wf")
         workflow.base_dir = str(config.work_dir)
         workflow.__desc__ = "A stand-in workflow."

@@ -272,10 +272,11 @@ def test_config_imports_no_torch_nipype_or_argparse(graph):
 
 def test_config_imports_only_errors_options_and_space_syntax(graph):
     """ARCHITECTURE.md: ``config`` may import ``errors`` and ``engine.options``, and
-    ``utils.templates`` (lazily) to check space syntax when a TOML file is read; nothing else
-    of ours."""
+    ``utils.templates`` and ``utils.atlases`` (lazily) to check space and atlas syntax when a
+    TOML file is read; nothing else of ours."""
     assert direct_ours_outside(graph, ["ugi_bids.config"], SETTINGS,
-                               exactly=("ugi_bids.utils", "ugi_bids.utils.templates")) == []
+                               exactly=("ugi_bids.utils", "ugi_bids.utils.templates",
+                                        "ugi_bids.utils.atlases")) == []
 
 
 def test_interfaces_never_import_workflows_or_cli(graph):

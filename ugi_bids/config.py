@@ -8,7 +8,9 @@ Keys are the :class:`Config` field names:
 * ``[execution]``: paths, BIDS selection, the run's flags, ``verbose`` and ``run_uuid``;
 * ``[workflow]``: ``anat_suffixes``, the output spaces (``output_spaces``: TemplateFlow spaces
   in niworkflows' syntax ``SPACE[:cohort-X][:res-N]``; ``templates``: custom templates,
-  ``NAME=PATH[,mask=PATH]``) and every registration setting;
+  ``NAME=PATH[,mask=PATH]``), every registration setting, and the labels (``atlases``:
+  ``NAME[:desc-DESC]`` or ``NAME=PATH[,labels=TSV][,space=SPACE]``; ``atlas_libraries``:
+  ``NAME=DIR``; ``label_fusion``);
 * ``[nipype]``: ``nprocs``, ``omp_nthreads``, ``mem_gb``, ``plugin``, ``gpu_procs``, ``device``;
 * ``[environment]``: written for the record (versions, the device and weights the run
   resolved), ignored when read; ``run_uuid`` is kept by :meth:`Config.from_toml` and dropped by
@@ -42,8 +44,10 @@ from .engine.options import (
     DEFAULT_NETWORK_SIZE,
     DEFAULT_PREALIGN,
     DEFAULT_PRECISION,
+    DEFAULT_FUSION,
     DEFAULT_SIMILARITY,
     DEVICES,
+    FUSION_METHODS,
     IO_STEPS,
     IO_CHECKPOINTING,
     MODELS,
@@ -104,6 +108,53 @@ class SpaceSpec:
 
 
 @dataclass
+class AtlasSpec:
+    """One ``--atlases`` value: a TemplateFlow atlas (``NAME[:desc-DESC]``), looked up in the
+    first output space that has it, or a label map given by path
+    (``NAME=PATH[,labels=TSV][,space=SPACE]``) in the output space ``space`` (default: the
+    first one)."""
+
+    name: str
+    desc: str | None = None
+    path: Path | None = None
+    labels: Path | None = None
+    space: str | None = None
+
+    @property
+    def is_custom(self) -> bool:
+        return self.path is not None
+
+    @property
+    def label(self) -> str:
+        """The entities of the outputs: ``atlas-NAME[_desc-DESC]``."""
+        return f"atlas-{self.name}" + (f"_desc-{self.desc}" if self.desc else "")
+
+    @property
+    def text(self) -> str:
+        """The spec as written on the command line."""
+        if self.is_custom:
+            return f"{self.name}={self.path}" + (f",labels={self.labels}" if self.labels else "") \
+                + (f",space={self.space}" if self.space else "")
+        return self.name + (f":desc-{self.desc}" if self.desc else "")
+
+
+@dataclass
+class LibrarySpec:
+    """One ``--atlas-library NAME=DIR``: a folder of labelled images fused into ``atlas-NAME``."""
+
+    name: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"atlas-{self.name}"
+
+    @property
+    def text(self) -> str:
+        return f"{self.name}={self.path}"
+
+
+@dataclass
 class Config:
     """Everything a run needs. Paths are absolute."""
 
@@ -121,6 +172,10 @@ class Config:
     # spaces
     output_spaces: list[SpaceSpec] = field(
         default_factory=lambda: [SpaceSpec("MNI152NLin2009cAsym")])
+    # labels
+    atlases: list[AtlasSpec] = field(default_factory=list)
+    atlas_libraries: list[LibrarySpec] = field(default_factory=list)
+    label_fusion: str = DEFAULT_FUSION
     # registration
     model: str = DEFAULT_MODEL
     weights: Path | None = None
@@ -165,6 +220,8 @@ class Config:
         plain = self.to_dict()
         plain["output_spaces"] = [s.text for s in self.output_spaces if not s.is_custom]
         plain["templates"] = [s.text for s in self.output_spaces if s.is_custom]
+        plain["atlases"] = [a.text for a in self.atlases]
+        plain["atlas_libraries"] = [a.text for a in self.atlas_libraries]
         tables: dict[str, dict] = {}
         for section, keys in SECTIONS.items():
             table = tables[section] = {}
@@ -231,7 +288,8 @@ def _holds_none(value) -> bool:
 
 @dataclass(frozen=True)
 class _Key:
-    kind: str  # path, str, int, gb, bool, labels, strings, filters, plugin, spaces, templates
+    kind: str  # path, str, int, gb, bool, labels, strings, filters, plugin, spaces, templates,
+    # atlases, libraries
     choices: tuple = ()
     minimum: int = 0
     prefix: str = ""
@@ -259,6 +317,8 @@ SECTIONS: dict[str, dict[str, _Key]] = {
         "io_iterations": _Key("int"), "io_similarity": _Key("str", SIMILARITIES),
         "prealign": _Key("str", PREALIGN_MODES), "precision": _Key("str", PRECISIONS),
         "io_checkpointing": _Key("str", tuple(IO_CHECKPOINTING)), "sloppy": _FLAG,
+        "atlases": _Key("atlases"), "atlas_libraries": _Key("libraries"),
+        "label_fusion": _Key("str", FUSION_METHODS),
     },
     "nipype": {
         "nprocs": _Key("int", minimum=1), "omp_nthreads": _Key("int", minimum=1),
@@ -338,7 +398,7 @@ def _convert(value: Any, key: _Key, where: str) -> Any:
                 raise fail("a table, or a JSON object in a string") from None
         return check_bids_filters(value, where) if kind == "filters" else \
             check_plugin(value, where)
-    if kind in ("labels", "strings", "spaces", "templates"):
+    if kind in ("labels", "strings", "spaces", "templates", "atlases", "libraries"):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise fail("a list of strings")
@@ -346,6 +406,10 @@ def _convert(value: Any, key: _Key, where: str) -> Any:
             return parse_spaces(items, where) if items else []
         if kind == "templates":
             return parse_templates(items, where)
+        if kind == "atlases":
+            return parse_atlases(items, where)
+        if kind == "libraries":
+            return parse_libraries(items, where)
         if kind == "labels":
             items = [_checked(bids_label, item, key.prefix, where) for item in items]
         elif not items or any(item not in key.choices for item in items):
@@ -442,6 +506,21 @@ def parse_templates(values: list[str], where: str) -> list[SpaceSpec]:
     return [dataclasses.replace(spec, path=absolute(spec.path) if spec.path else None,
                                 mask=absolute(spec.mask) if spec.mask else None)
             for spec in specs]
+
+
+def parse_atlases(values: list[str], where: str) -> list[AtlasSpec]:
+    """``--atlases`` values (:func:`ugi_bids.utils.atlases.parse_atlas`); repeats dropped."""
+    from .utils import atlases
+
+    specs = [_delegate(atlases.parse_atlas, value, where) for value in values]
+    return list({spec.label: spec for spec in reversed(specs)}.values())[::-1]
+
+
+def parse_libraries(values: list[str], where: str) -> list[LibrarySpec]:
+    """``--atlas-library NAME=DIR`` values (:func:`ugi_bids.utils.atlases.parse_library`)."""
+    from .utils import atlases
+
+    return [_delegate(atlases.parse_library, value, where) for value in values]
 
 
 def _delegate(function, value, where: str):

@@ -58,12 +58,15 @@ from ..config import (
     bids_label,
     check_bids_filters,
     check_plugin,
+    parse_atlases,
+    parse_libraries,
     parse_spaces,
     parse_templates,
     read_settings,
 )
 from ..engine.options import (
     DEVICES,
+    FUSION_METHODS,
     IO_CHECKPOINTING,
     MODELS,
     PREALIGN_MODES,
@@ -191,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_performance(parser)
     _add_workflow(parser)
     _add_registration(parser)
+    _add_labels(parser)
     _add_other(parser)
     return parser
 
@@ -307,6 +311,30 @@ def _add_registration(parser: argparse.ArgumentParser) -> None:
                             "for the CPU, off on a GPU with room. The maps are the same")
 
 
+def _add_labels(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Atlas labels", "carry atlas labels into every session's native space (through the "
+        "inverse transforms, label-aware interpolation as ANTs' GenericLabel), with region "
+        "volumes; or segment every session by multi-atlas label fusion")
+    group.add_argument("--atlases", dest="atlases", nargs="+", action="extend", metavar="SPEC",
+                       help="atlases to propagate: a TemplateFlow atlas NAME[:desc-DESC] of an "
+                            "output space (the first space that has it), e.g. "
+                            "Schaefer2018:desc-400Parcels7Networks HOSPA:desc-th25; or a label "
+                            "map NAME=PATH[,labels=TSV][,space=SPACE] (SPACE: an output space "
+                            "or --template name; default: the first output space)")
+    group.add_argument("--atlas-library", dest="atlas_libraries", nargs="+", action="extend",
+                       metavar="NAME=DIR",
+                       help="a folder of labelled images (each *_dseg.nii.gz with its "
+                            "intensity image beside it, e.g. sub-01/anat/sub-01_T1w.nii.gz and "
+                            "sub-01_dseg.nii.gz, and a dseg.tsv at the root): every image is "
+                            "registered to every session and the warped labels are fused into "
+                            "atlas-NAME")
+    group.add_argument("--label-fusion", dest="label_fusion", choices=FUSION_METHODS,
+                       help="how --atlas-library labels are fused: jlf (joint label fusion, "
+                            "Wang & Yushkevich 2013, antsJointFusion's defaults; default) or "
+                            "majority (a per-voxel vote, ties broken by local similarity)")
+
+
 def _add_other(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Other options")
     group.add_argument("-w", "--work-dir", dest="work_dir", metavar="WORK_DIR",
@@ -396,6 +424,10 @@ def command_line_settings(given: dict[str, Any]) -> dict[str, Any]:
             settings["output_spaces"] = parse_spaces(value, "--output-spaces")
         elif dest == "template":
             settings["templates"] = parse_templates(value, "--template")
+        elif dest == "atlases":
+            settings["atlases"] = parse_atlases(value, "--atlases")
+        elif dest == "atlas_libraries":
+            settings["atlas_libraries"] = parse_libraries(value, "--atlas-library")
         elif dest in ("bids_dir", "output_dir", "work_dir", "bids_database_dir", "weights"):
             settings[dest] = absolute(value)
         elif dest in ("participant_label", "session_label", "anat_suffixes"):

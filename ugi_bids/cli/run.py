@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..config import Config
-from ..errors import NoDataError, guarded
+from ..errors import NoDataError, UsageError, guarded
 from .parser import PROG, parse_args
 
 LOGGER = logging.getLogger("ugi_bids")
@@ -100,22 +100,35 @@ def _no_image(config: Config, participant: str, session: str | None) -> None:
     LOGGER.warning("%s; skipped", message)
 
 
-def resolve_resources(config: Config) -> dict:
+def resolve_resources(config: Config) -> tuple[dict, list, list]:
     """Resolve every output space, for every anatomical suffix, to template files
-    (``{suffix: [ResolvedTemplate]}``) and the weights to a checked path. Fails fast, one line,
-    before anything is written."""
+    (``{suffix: [ResolvedTemplate]}``), every atlas and atlas library to checked files, and
+    the weights to a checked path. Fails fast, one line, before anything is written."""
     from ..engine.model.weights import checked_state_dict, resolve_weights
+    from ..utils.atlases import resolve_atlas, resolve_library
     from ..utils.templates import resolve_template
 
     templates = {suffix: [resolve_template(spec, suffix) for spec in config.output_spaces]
                  for suffix in config.anat_suffixes}
+    atlases = [resolve_atlas(spec, templates[config.anat_suffixes[0]])
+               for spec in config.atlases]
+    libraries = [resolve_library(spec) for spec in config.atlas_libraries]
+    labels = [item.label for item in (*atlases, *libraries)]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise UsageError(f"two atlases would write {repeated[0]}: give each --atlases and "
+                         "--atlas-library entry its own name")
     config.weights = Path(resolve_weights(config.model, config.weights, download=False))
     checked_state_dict(config.weights, config.model)  # a truncated or foreign file stops here
-    return templates
+    return templates, atlases, libraries
 
 
-def write_dataset_files(config: Config, workflow) -> None:
-    """dataset_description.json, .bidsignore and logs/CITATION.* in the output folder."""
+def write_dataset_files(config: Config, workflow, label_sets=()) -> None:
+    """dataset_description.json, .bidsignore, logs/CITATION.* and the lookup table of every
+    atlas (``atlas-<A>[_desc-<D>]_dseg.tsv``, BIDS columns) in the output folder."""
+    from ..engine.formats.staging import write_text_atomic
+    from ..workflows.base import atlas_table_path
+
     from .. import __version__
     from ..utils.provenance import (
         collect_boilerplate,
@@ -128,6 +141,9 @@ def write_dataset_files(config: Config, workflow) -> None:
                               templateflow_home=os.environ.get("TEMPLATEFLOW_HOME"))
     write_bidsignore(config.output_dir)
     write_citation_files(config.output_dir, collect_boilerplate(workflow))
+    for item in label_sets:
+        write_text_atomic(atlas_table_path(config.output_dir, item.label), item.table.to_tsv(),
+                          "atlas lookup table")
 
 
 #: The run's settings, written into every processed participant's log folder.
@@ -223,14 +239,15 @@ def run(config: Config) -> int:
     from ..workflows.base import init_ugi_wf
 
     if config.analysis_level == "group":
-        LOGGER.warning("the group level has nothing to do in this version")
-        return 0
+        from ..utils.group import run_group
+
+        return run_group(config)
     requested = copy.copy(config)  # the settings as asked: the run's ugi-bids.toml
     device = resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
     # The provenance and the boilerplate must say what runs, not what was asked for.
     config.precision = effective_precision(config.precision, device)
     subjects = select_inputs(config)
-    templates = resolve_resources(config)
+    templates, atlases, libraries = resolve_resources(config)
 
     config.work_dir.mkdir(parents=True, exist_ok=True)
     nipype_config.update_config({
@@ -240,9 +257,10 @@ def run(config: Config) -> int:
         "monitoring": {"enabled": config.resource_monitor},
     })
     use_gpu = device.type == "cuda"
-    workflow = init_ugi_wf(config, subjects, templates, use_gpu=use_gpu)
+    workflow = init_ugi_wf(config, subjects, templates, use_gpu=use_gpu, atlases=atlases,
+                           libraries=libraries)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_files(config, workflow)
+    write_dataset_files(config, workflow, [*atlases, *libraries])
     if config.boilerplate_only:
         LOGGER.info("boilerplate written to %s", config.output_dir / "logs")
         return 0

@@ -54,3 +54,7 @@ SLOPPY_NETWORK_SIZE = 65
 #: Resampling: trilinear, nearest neighbour, or ANTs' ``GenericLabel``.
 INTERPOLATIONS = ("linear", "nearest", "label")
 DEFAULT_INTERPOLATION = "linear"
+
+#: Multi-atlas label fusion: joint label fusion (Wang & Yushkevich 2013) or a majority vote.
+FUSION_METHODS = ("jlf", "majority")
+DEFAULT_FUSION = "jlf"

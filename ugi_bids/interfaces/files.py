@@ -171,3 +171,155 @@ def stem(path: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+# --------------------------------------------------------------------------------------------
+# Labels: propagation, region volumes, multi-atlas fusion
+
+
+def label_dtype(values: np.ndarray):
+    """The smallest integer NIfTI type that holds ``values`` (uint8, int16 or int32)."""
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    raise ValueError(f"label values {low}..{high} do not fit a 32-bit integer")
+
+
+def _save_labels(volume: Volume, path: str) -> str:
+    data = np.rint(volume.data).astype(np.int64)
+    return _save(Volume(volume.grid, data), path, label_dtype(data))
+
+
+def propagate_labels(labels_file: str, transform_file: str, reference_file: str,
+                     out_file: str) -> str:
+    """Carry a label map onto ``reference_file``'s grid through a mode-image transform (maps
+    reference points to label-map points, e.g. ``from-<space>_to-T1w``) with ANTs'
+    ``GenericLabel`` semantics (:func:`ugi_bids.engine.spatial.warp.apply_transform`,
+    ``"label"``); written as the smallest integer type that holds the labels."""
+    from ..engine.formats.itk import read_composite_h5
+    from ..engine.spatial.warp import apply_transform
+
+    labels = load_volume(labels_file, "label map")
+    reference = load_volume(reference_file, "reference image")
+    warped = apply_transform(Volume(labels.grid, np.rint(labels.data).astype(np.int32)),
+                             read_composite_h5(transform_file), reference.grid, "label")
+    return _save_labels(warped, out_file)
+
+
+def region_volumes_file(labels_file: str, table_file: str, out_file: str,
+                        brain_mask_file: str | None = None) -> float | None:
+    """Write the ``volumes.tsv`` of a label map (``index``, ``name``, ``voxels``,
+    ``volume_mm3``, in the map's own millimetres; names from the lookup table ``table_file``)
+    and return the brain volume (mm³) of ``brain_mask_file`` (None without one)."""
+    from ..engine.formats.staging import write_text_atomic
+    from ..engine.labels.tables import read_table
+    from ..engine.labels.volumes import mask_volume_mm3, region_volumes, volumes_tsv
+
+    labels = load_volume(labels_file, "label map")
+    rows = region_volumes(labels, read_table(table_file))
+    write_text_atomic(out_file, volumes_tsv(rows), "region volumes")
+    if not brain_mask_file:
+        return None
+    return round(mask_volume_mm3(load_volume(brain_mask_file, "brain mask")), 3)
+
+
+def warp_library(target_file: str, images: list[str], labels: list[str], out_dir: str, *,
+                 target_modality: str = "mri", modalities: list[str] | None = None,
+                 prealign: str = "affine", model: str = DEFAULT_MODEL,
+                 weights: str | None = None, device: str = DEFAULT_DEVICE,
+                 precision: str = DEFAULT_PRECISION,
+                 io_checkpointing: str = DEFAULT_IO_CHECKPOINTING,
+                 network_size: int = DEFAULT_NETWORK_SIZE, io_iterations: int = IO_STEPS,
+                 io_similarity: str = DEFAULT_SIMILARITY,
+                 num_threads: int | None = None) -> tuple[list[str], list[str], list[dict]]:
+    """Register every labelled library image (``images[i]`` with labels ``labels[i]``) onto
+    the target image with uniGradICON (world-space pre-alignment, both directions, the model
+    loaded once for all of them: :meth:`Registrar.register_many`), and resample each onto the
+    target grid: intensities trilinearly, labels with ``GenericLabel``.
+
+    Returns (warped images, warped labels, one provenance dict per library image), files in
+    ``out_dir`` named by position (``library-000_...``)."""
+    import torch
+
+    from ..engine.spatial.warp import apply_transform
+
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    modalities = modalities or ["mri"] * len(images)
+    registrar = cached_registrar(model, weights, device, int(network_size), precision,
+                                 io_checkpointing)
+    target = load_volume(target_file, "target image")
+    warped_images, warped_labels, provenance = [], [], []
+    # one register_many per intensity model (libraries are normally of one modality)
+    for modality in dict.fromkeys(modalities):
+        chosen = [i for i, m in enumerate(modalities) if m == modality]
+        results = registrar.register_many(
+            target, [images[i] for i in chosen], fixed_modality=target_modality,
+            moving_modality=modality, prealign=prealign, io_iterations=io_iterations,
+            io_similarity=io_similarity)
+        for i, result in zip(chosen, results):
+            image = load_volume(images[i], "library image")
+            label_map = load_volume(labels[i], "library label map")
+            warped_image = apply_transform(image, result.forward, target.grid, "linear")
+            warped_label = apply_transform(
+                Volume(label_map.grid, np.rint(label_map.data).astype(np.int32)),
+                result.forward, target.grid, "label")
+            stem_i = os.path.join(out_dir, f"library-{i:03d}")
+            warped_images.append((i, _save(warped_image, f"{stem_i}_image.nii.gz")))
+            warped_labels.append((i, _save_labels(warped_label, f"{stem_i}_dseg.nii.gz")))
+            provenance.append((i, {"Image": images[i], "Labels": labels[i],
+                                   "Seconds": round(sum(result.timings.values()), 3),
+                                   "Device": str(registrar.device)}))
+    order = lambda pairs: [value for _, value in sorted(pairs, key=lambda p: p[0])]  # noqa: E731
+    return order(warped_images), order(warped_labels), order(provenance)
+
+
+def fuse_label_files(target_file: str, images: list[str], labels: list[str], out_file: str, *,
+                     method: str = "jlf", device: str = DEFAULT_DEVICE,
+                     parameters: dict | None = None, num_threads: int | None = None) -> dict:
+    """Fuse library label maps already on the target grid (:func:`warp_library`) into one
+    label map (:func:`ugi_bids.engine.labels.fusion.fuse_labels`), computed within the voxels
+    any library image labels (dilated by the patch and search radii); writes ``out_file`` and
+    returns the method and its parameters."""
+    import torch
+    from scipy import ndimage
+
+    from ..engine.labels.fusion import JLF_DEFAULTS, fuse_labels
+    from ..engine.model.device import resolve_device
+
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    target = load_volume(target_file, "target image")
+    atlas_images = [load_volume(path, "warped library image").data for path in images]
+    atlas_labels = [np.rint(load_volume(path, "warped library labels").data).astype(np.int32)
+                    for path in labels]
+    params = {**JLF_DEFAULTS, **(parameters or {})}
+    reach = int(params["patch_radius"]) + int(params["search_radius"])
+    labelled = np.any([lab != 0 for lab in atlas_labels], axis=0)
+    mask = ndimage.binary_dilation(labelled, iterations=max(reach, 1))
+    fused = fuse_labels(target.data, atlas_images, atlas_labels, method=method, mask=mask,
+                        device=resolve_device(device), **params)
+    _save_labels(Volume(target.grid, np.asarray(fused)), out_file)
+    return {"Method": method, **({f"{key}": value for key, value in params.items()}
+                                 if method == "jlf" else {})}
+
+
+def similarity_after(fixed_file: str, warped_file: str, mask_file: str | None = None) -> float:
+    """Global normalised cross-correlation (Pearson, -1..1) of the fixed image and the moving
+    image resampled onto its grid, over the fixed mask (else the fixed image's non-zero
+    voxels): the registrations' QC figure."""
+    import torch
+
+    from ..engine.prealign.metrics import ncc_loss
+
+    fixed = load_volume(fixed_file, "fixed image")
+    warped = load_volume(warped_file, "resampled image")
+    inside = (load_volume(mask_file, "mask").data > 0 if mask_file else fixed.data != 0)
+    if inside.shape != fixed.data.shape or not inside.any():
+        inside = np.ones(fixed.data.shape, dtype=bool)
+    values = [torch.from_numpy(np.ascontiguousarray(v.data[inside], dtype=np.float64))
+              for v in (fixed, warped)]
+    loss = ncc_loss(values[0], values[1], torch.ones_like(values[0]))
+    return round(float(1.0 - loss), 6)

@@ -181,3 +181,25 @@ class LogJacobian(SimpleInterface):
             self.inputs.transform, self.inputs.reference, out_file)
         self._results["out_file"] = out_file
         return runtime
+
+
+class _SimilarityInputSpec(BaseInterfaceInputSpec):
+    fixed = File(exists=True, mandatory=True, desc="fixed (template) image")
+    warped = File(exists=True, mandatory=True, desc="moving image resampled onto the fixed grid")
+    mask = File(exists=True, desc="fixed-space mask (default: the fixed image's non-zero voxels)")
+
+
+class _SimilarityOutputSpec(TraitedSpec):
+    similarity = traits.Float(desc="global normalised cross-correlation, -1..1")
+
+
+class Similarity(SimpleInterface):
+    """The similarity of a registration's result: NCC of the fixed and resampled images."""
+
+    input_spec = _SimilarityInputSpec
+    output_spec = _SimilarityOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["similarity"] = files.similarity_after(
+            self.inputs.fixed, self.inputs.warped, _optional(self.inputs.mask))
+        return runtime

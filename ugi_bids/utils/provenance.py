@@ -42,7 +42,8 @@ TEMPLATEFLOW_URL = "https://github.com/templateflow/templateflow"
 CONTAINER_TAG_ENV = "UGI_BIDS_CONTAINER_TAG"
 #: ``.bidsignore`` entries: reports, logs and crash files, transforms (BEP014 draft),
 #: log-Jacobian maps (suffix not in the specification).
-BIDSIGNORE_ENTRIES = ("*.html", "logs/", "figures/", "*_xfm.*", "log/", "*_jacobian.*")
+BIDSIGNORE_ENTRIES = ("*.html", "logs/", "figures/", "*_xfm.*", "log/", "*_jacobian.*",
+                      "*_volumes.*", "group_*")
 #: Pandoc citation key (``@key`` / ``[@key]``), as pandoc parses it.
 _CITEKEY = re.compile(
     r"(?<![\w@.])@([A-Za-z0-9_](?:[A-Za-z0-9_]|[:.#$%&\-+?<>~/](?=[A-Za-z0-9_]))*)")

@@ -32,6 +32,7 @@ that pre-fetches it on a machine with internet.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import gzip
 import itertools
@@ -377,11 +378,12 @@ class _Entry:
     desc: str | None
     suffix: str
     ext: str
+    atlas: str | None = None
 
     @property
     def query(self) -> dict:
         return {**_PLAIN, "cohort": self.cohort, "resolution": self.res, "desc": self.desc,
-                "suffix": self.suffix, "extension": self.ext}
+                "suffix": self.suffix, "extension": self.ext, "atlas": self.atlas}
 
 
 def _norm_label(label: str | None) -> str | None:
@@ -445,6 +447,8 @@ def _content_problem(path: Path) -> str | None:
         return "it is an empty placeholder, as the templateflow package ships it until downloaded"
     if size < 1024 and path.read_bytes().startswith(b"<?xml"):
         return "it is an S3 error page left by a failed download"
+    if path.name.endswith(".tsv"):
+        return None
     if path.name.endswith(".gz"):
         try:
             with gzip.open(path, "rb") as stream:
@@ -535,8 +539,9 @@ def _download(home: Path, name: str, entry: _Entry, listed: bool, timeout: float
 def _prefetch_command(name: str, image: _Entry, mask: _Entry | None, listed: bool) -> str:
     def call(entry: _Entry) -> str:
         cohort = "" if entry.cohort is None else f", cohort={entry.cohort}"
-        return (f"get({name!r}{cohort}, resolution={entry.res}, desc={entry.desc!r}, "
-                f"suffix={entry.suffix!r})")
+        atlas = "" if entry.atlas is None else f", atlas={entry.atlas!r}"
+        return (f"get({name!r}{cohort}, resolution={entry.res}{atlas}, desc={entry.desc!r}, "
+                f"suffix={entry.suffix!r}, extension={entry.ext!r})")
 
     update = ("import templateflow; templateflow.update(local=True, overwrite=False, silent=True); "
               if not listed else "")
@@ -545,7 +550,8 @@ def _prefetch_command(name: str, image: _Entry, mask: _Entry | None, listed: boo
 
 
 def _ensure_available(home: Path, spec: SpaceSpec, entry: _Entry, image: _Entry,
-                      mask: _Entry | None, download: bool, timeout: float) -> Path:
+                      mask: _Entry | None, download: bool, timeout: float,
+                      what: str = "template") -> Path:
     path = home / entry.relpath
     problem = _problem(path)
     if problem is None:
@@ -560,12 +566,14 @@ def _ensure_available(home: Path, spec: SpaceSpec, entry: _Entry, image: _Entry,
         problem = f"{problem}; downloads are disabled"
     listed_all = all(os.path.lexists(home / e.relpath) for e in (image, mask) if e is not None)
     raise TemplateError(
-        f"TemplateFlow template {spec.label}: {entry.relpath} is not available offline: "
+        f"TemplateFlow {what} {spec.label}: {entry.relpath} is not available offline: "
         f"{problem}; {_home_text(home)}. Pre-fetch it on a machine with internet access "
         f"(e.g. a login node) into the same TEMPLATEFLOW_HOME: "
         f"{_prefetch_command(spec.name, image, mask, listed_all)}"
-        " (or bake it into the container, or give a template by path with --template "
-        "NAME=PATH[,mask=PATH])")
+        " (or bake it into the container, or give " + (
+            "a label map by path with --atlases NAME=PATH[,labels=TSV]"
+            if what == "atlas" else "a template by path with --template NAME=PATH[,mask=PATH]")
+        + ")")
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,3 +686,77 @@ def resolve_template(spec: SpaceSpec, suffix: str = "T1w", *, download: bool = T
         return _resolve_custom(spec)
     return _resolve_templateflow(spec, suffix, download,
                                  DOWNLOAD_TIMEOUT if timeout is None else float(timeout))
+
+
+# --------------------------------------------------------------------------------------------
+# Atlases of a TemplateFlow space
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TemplateFlowAtlas:
+    """The files of a TemplateFlow atlas in one space: its label map (``dseg``) and lookup table
+    (None when TemplateFlow has none), with their BIDS URIs."""
+
+    image: Path
+    table: Path | None
+    uri: str
+    table_uri: str | None
+    resolution: int | None
+
+
+def _atlas_files(clients, name: str, cohort, atlas: str, desc: str | None, ext) -> list[str]:
+    query = {**_PLAIN, "cohort": cohort, "atlas": atlas, "desc": desc, "suffix": "dseg",
+             "extension": ext}
+    return sorted({path.relative_to(client.cache.layout.root).as_posix()
+                   for client in clients for path in client.ls(name, **query)})
+
+
+def find_templateflow_atlas(template: ResolvedTemplate, atlas: str, desc: str | None, *,
+                            download: bool = True, timeout: float | None = None
+                            ) -> TemplateFlowAtlas | None:
+    """The atlas ``tpl-<space>[_cohort-C]_res-<r>_atlas-<atlas>[_desc-<desc>]_dseg.nii.gz`` of a
+    resolved TemplateFlow space, and its ``..._dseg.tsv`` where TemplateFlow has one; None when
+    the space has no such atlas. The resolution is the template's own when the atlas has it,
+    else the finest (lowest index) the atlas has. A listed file that is not usable locally is
+    fetched like a template file (:func:`resolve_template`), and failing that raises the same
+    one-line :class:`TemplateError` (exit 66)."""
+    if template.spec.is_custom:
+        return None
+    timeout = DOWNLOAD_TIMEOUT if timeout is None else float(timeout)
+    home = templateflow_home()
+    clients = _clients(home)
+    name, cohort = template.spec.name, _norm_label(template.spec.cohort)
+    images = _atlas_files(clients, name, cohort, atlas, desc, list(_NIFTI))
+    if not images:
+        return None
+    resolutions = sorted({int(r) for client in clients for r in client.get_resolutions(
+        template=name, **{**_PLAIN, "cohort": cohort, "atlas": atlas, "desc": desc,
+                          "suffix": "dseg", "extension": list(_NIFTI)})})
+    res = template.resolution if template.resolution in resolutions else (
+        resolutions[0] if resolutions else None)
+    image = next(_Entry(path, cohort, res, desc, "dseg", ext, atlas)
+                 for ext in _NIFTI for path in _atlas_files(
+                     clients, name, cohort, atlas, desc, ext)
+                 if res is None or f"_res-{res:02d}_" in path or f"_res-{res}_" in path)
+    tables = _atlas_files(clients, name, cohort, atlas, desc, ".tsv")
+    table = _Entry(tables[0], cohort, None, desc, "dseg", ".tsv", atlas) if tables else None
+    spec = dataclasses.replace(template.spec, name=name)
+    image_path = _ensure_available(home, spec, image, image, table, download, timeout, "atlas")
+    table_path = (_ensure_available(home, spec, table, image, table, download, timeout, "atlas")
+                  if table is not None else None)
+    return TemplateFlowAtlas(image_path, table_path, f"bids:templateflow:{image.relpath}",
+                             f"bids:templateflow:{table.relpath}" if table else None, res)
+
+
+def templateflow_atlases(template: ResolvedTemplate) -> list[str]:
+    """``atlas[:desc-D]`` names TemplateFlow lists for a resolved space (for error messages)."""
+    if template.spec.is_custom:
+        return []
+    clients = _clients(templateflow_home())
+    found = set()
+    for client in clients:
+        for path in client.ls(template.spec.name, suffix="dseg", extension=list(_NIFTI)):
+            match = re.search(r"_atlas-([a-zA-Z0-9]+)(?:_desc-([a-zA-Z0-9]+))?_", path.name)
+            if match:
+                found.add(match.group(1) + (f":desc-{match.group(2)}" if match.group(2) else ""))
+    return sorted(found)

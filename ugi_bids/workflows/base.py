@@ -15,7 +15,8 @@ from .registration import init_register_to_template_wf
 
 
 def init_ugi_wf(config: Config, subjects: dict, templates: dict, *,
-                use_gpu: bool = False) -> Workflow:
+                use_gpu: bool = False, atlases: list | None = None,
+                libraries: list | None = None) -> Workflow:
     """The whole run: one :func:`init_single_subject_wf` per participant.
 
     Parameters
@@ -30,6 +31,10 @@ def init_ugi_wf(config: Config, subjects: dict, templates: dict, *,
     use_gpu : bool
         Whether ``config.device`` resolves to a GPU on this machine (MultiProc's GPU slots; see
         :func:`ugi_bids.workflows.registration.init_register_to_template_wf`).
+    atlases : list of ResolvedAtlas
+        Atlases to carry into every session (:func:`ugi_bids.utils.atlases.resolve_atlas`).
+    libraries : list of ResolvedLibrary
+        Labelled libraries to fuse in every session (:func:`ugi_bids.utils.atlases.resolve_library`).
     """
     from ..utils.provenance import boilerplate_postamble, boilerplate_preamble
 
@@ -39,7 +44,8 @@ def init_ugi_wf(config: Config, subjects: dict, templates: dict, *,
     workflow.__postdesc__ = boilerplate_postamble()
     for participant, sessions in subjects.items():
         single = init_single_subject_wf(subject_id=participant, sessions=sessions,
-                                        templates=templates, config=config, use_gpu=use_gpu)
+                                        templates=templates, config=config, use_gpu=use_gpu,
+                                        atlases=atlases or [], libraries=libraries or [])
         # crash files go to sub-X/log/<run_uuid>/, as in fMRIPrep
         single.config["execution"]["crashdump_dir"] = str(
             config.output_dir / f"sub-{participant}" / "log" / config.run_uuid)
@@ -54,7 +60,8 @@ def _safe(label: str) -> str:
 
 
 def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
-                           config: Config, use_gpu: bool = False,
+                           config: Config, use_gpu: bool = False, atlases: list | None = None,
+                           libraries: list | None = None,
                            name: str | None = None) -> Workflow:
     """Register every session's anatomical references of one participant to every space.
 
@@ -70,6 +77,9 @@ def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
     config : Config
     use_gpu : bool
         See :func:`init_ugi_wf`.
+    atlases, libraries : list
+        See :func:`init_ugi_wf`; labels land on the first ``--anat-suffixes`` image of each
+        session, through its registration to the atlas's space.
 
     Inputs
     ------
@@ -88,6 +98,7 @@ def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
 Every session's anatomical images ({', '.join(config.anat_suffixes)}) were registered to each
 output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERENCE_RULE}
 """
+    registrations = {}
     for session, suffixes in sessions.items():
         for suffix, image in suffixes.items():
             for template in templates[suffix]:
@@ -111,6 +122,7 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
                     sources=[bids_uri(image, config.bids_dir), template.uri],
                     settings={"PrealignMode": config.prealign, "Sloppy": config.sloppy},
                     name=f"ds_{tag}_wf")
+                registrations[session, suffix, template.spec.label] = reg_wf
                 workflow.connect([(reg_wf, ds_wf, [
                     ("outputnode.forward_xfm", "inputnode.forward_xfm"),
                     ("outputnode.inverse_xfm", "inputnode.inverse_xfm"),
@@ -118,7 +130,145 @@ output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERE
                     ("outputnode.log_jacobian", "inputnode.log_jacobian"),
                     ("outputnode.provenance", "inputnode.provenance"),
                 ])])
+    if atlases or libraries:
+        _add_labels(workflow, subject_id=subject_id, sessions=sessions, templates=templates,
+                    config=config, registrations=registrations, atlases=atlases or [],
+                    libraries=libraries or [], use_gpu=use_gpu)
     return workflow
+
+
+def atlas_table_path(output_dir, label: str):
+    """The run's lookup table of an atlas: ``OUTPUT_DIR/atlas-<A>[_desc-<D>]_dseg.tsv``."""
+    from pathlib import Path
+
+    return Path(output_dir) / f"{label}_dseg.tsv"
+
+
+def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, templates: dict,
+                config: Config, registrations: dict, atlases: list, libraries: list,
+                use_gpu: bool) -> None:
+    """Atlas propagation and label fusion for every session that has an image of the first
+    ``--anat-suffixes`` entry (the labels land on its grid)."""
+    import logging
+
+    from nipype.pipeline import engine as pe
+
+    from ..interfaces.labels import PropagateLabels
+    from ..utils.bids import bids_uri
+    from .labels import atlas_reference, init_atlas_propagation_wf, init_label_fusion_wf
+    from .outputs import derivative_uri, init_labels_derivatives_wf
+
+    suffix = config.anat_suffixes[0]
+    spaces = {t.spec.label: t for t in templates[suffix]}
+    for session, suffixes in sessions.items():
+        if suffix not in suffixes:
+            logging.getLogger("ugi_bids").warning(
+                "sub-%s%s: no %s image, so no atlas labels", subject_id,
+                f" ses-{session}" if session else "", suffix)
+            continue
+        image = str(suffixes[suffix])
+        raw_uri = bids_uri(image, config.bids_dir)
+        tag = "_".join(t for t in (f"ses{_safe(session)}" if session else "", suffix) if t)
+
+        def xfm_uri(space: str) -> str:
+            return derivative_uri(subject=subject_id, session=session, suffix="xfm",
+                                  extension=".h5", mode="image", **{"from": space, "to": suffix})
+
+        for atlas in atlases:
+            template = spaces[atlas.space]
+            reg_wf = registrations[session, suffix, atlas.space]
+            atlas_tag = _safe(atlas.label)
+            shown = atlas.spec.name if atlas.spec.is_custom else atlas.spec.text
+            prop_wf = init_atlas_propagation_wf(
+                atlas_text=shown, space=atlas.space, suffix=suffix,
+                has_brain_mask=template.mask is not None,
+                citation=atlas_reference(atlas.spec.name, shown, not atlas.spec.is_custom),
+                name=f"labels_{tag}_{atlas_tag}_wf")
+            prop_wf.inputs.inputnode.atlas = str(atlas.image)
+            prop_wf.inputs.inputnode.table = str(atlas_table_path(config.output_dir, atlas.label))
+            prop_wf.inputs.inputnode.reference = image
+            if template.mask is not None:
+                prop_wf.inputs.inputnode.brain_mask = str(template.mask)
+            ds_wf = init_labels_derivatives_wf(
+                output_dir=str(config.output_dir), source_file=image, atlas=atlas.spec.name,
+                desc=atlas.spec.desc, metadata={
+                    "Sources": [atlas.uri, xfm_uri(atlas.space), raw_uri]
+                    + ([atlas.table_uri] if atlas.table_uri else []),
+                    "SpatialReference": raw_uri,
+                    "Atlas": shown, "AtlasSpace": atlas.space,
+                    "Interpolation": "GenericLabel",
+                    "Description": (
+                        f"{shown} labels carried from {atlas.space} into this "
+                        f"session's {suffix} space through the inverse transform of the "
+                        "registration, with label-aware linear interpolation (ANTs "
+                        "GenericLabel semantics: no new label values, no holes at borders)"),
+                }, name=f"ds_labels_{tag}_{atlas_tag}_wf")
+            workflow.connect([
+                (reg_wf, prop_wf, [("outputnode.inverse_xfm", "inputnode.inverse_xfm")]),
+                (prop_wf, ds_wf, [("outputnode.dseg", "inputnode.dseg"),
+                                  ("outputnode.volumes", "inputnode.volumes"),
+                                  ("outputnode.brain_volume", "inputnode.brain_volume")]),
+            ])
+        if not libraries:
+            continue
+        first = templates[suffix][0]
+        brain_mask = None
+        if first.mask is not None:
+            brain_mask = pe.Node(PropagateLabels(in_file=str(first.mask), reference=image),
+                                 name=f"brain_mask_{tag}", mem_gb=1.0)
+            workflow.connect(registrations[session, suffix, first.spec.label],
+                             "outputnode.inverse_xfm", brain_mask, "transform")
+        for library in libraries:
+            fusion_wf = init_label_fusion_wf(
+                library_name=library.spec.name, library_size=len(library.images),
+                method=config.label_fusion, modality=SUFFIX_MODALITY[suffix],
+                library_modalities=[library_modality(i.image) for i in library.images],
+                model=config.model, weights=config.weights, device=config.device,
+                precision=config.precision, io_checkpointing=config.io_checkpointing,
+                prealign=config.prealign, network_size=config.network_size,
+                io_iterations=config.io_iterations, io_similarity=config.io_similarity,
+                omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
+                has_brain_mask=brain_mask is not None,
+                name=f"fusion_{tag}_{_safe(library.spec.name)}_wf")
+            fusion_wf.inputs.inputnode.reference = image
+            fusion_wf.inputs.inputnode.library_images = [str(i.image) for i in library.images]
+            fusion_wf.inputs.inputnode.library_labels = [str(i.labels) for i in library.images]
+            fusion_wf.inputs.inputnode.table = str(atlas_table_path(config.output_dir,
+                                                                    library.label))
+            ds_wf = init_labels_derivatives_wf(
+                output_dir=str(config.output_dir), source_file=image, atlas=library.spec.name,
+                desc=None, metadata={
+                    "Sources": [raw_uri], "SpatialReference": raw_uri,
+                    "Atlas": library.spec.name,
+                    "Library": [{"Image": i.image.as_uri(), "ImageSHA256": i.image_sha256,
+                                 "Labels": i.labels.as_uri(), "LabelsSHA256": i.labels_sha256}
+                                for i in library.images],
+                    "Description": (
+                        f"multi-atlas label fusion of the {library.spec.name} library: every "
+                        "library image registered to this session with uniGradICON, its labels "
+                        "carried onto this grid (GenericLabel semantics), then fused"),
+                }, name=f"ds_fusion_{tag}_{_safe(library.spec.name)}_wf")
+            workflow.connect([
+                (fusion_wf, ds_wf, [("outputnode.dseg", "inputnode.dseg"),
+                                    ("outputnode.volumes", "inputnode.volumes"),
+                                    ("outputnode.brain_volume", "inputnode.brain_volume"),
+                                    (("outputnode.parameters", _fusion_metadata),
+                                     "inputnode.extra_metadata")]),
+            ])
+            if brain_mask is not None:
+                workflow.connect(brain_mask, "out_file", fusion_wf, "inputnode.brain_mask")
+
+
+def library_modality(image) -> str:
+    """The intensity model of a library image, from its BIDS suffix (CT or MRI)."""
+    from pathlib import Path
+
+    stem = Path(image).name.split(".")[0]
+    return SUFFIX_MODALITY.get(stem.rsplit("_", 1)[-1], "mri")
+
+
+def _fusion_metadata(parameters: dict) -> dict:
+    return {"LabelFusion": parameters}
 
 
 def threads_per_registration(config: Config, use_gpu: bool = False) -> int:

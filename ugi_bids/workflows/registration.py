@@ -11,6 +11,7 @@ from ..interfaces.registration import (
     LogJacobian,
     NormaliseIntensities,
     Prealign,
+    Similarity,
     UniGradICON,
 )
 
@@ -139,6 +140,7 @@ resampled into the template space with trilinear interpolation in a single step.
         mem_gb=registration_mem_gb(network_size, io_iterations, io_checkpointing))
     resample = pe.Node(ApplyTransform(interpolation="linear"), name="resample_anat", mem_gb=1.0)
     jacobian = pe.Node(LogJacobian(), name="log_jacobian", mem_gb=1.0)
+    similarity = pe.Node(Similarity(), name="similarity", mem_gb=1.0)
     provenance = pe.Node(niu.Function(function=_add_folding, output_names=["provenance"]),
                          name="provenance", run_without_submitting=True)
 
@@ -156,16 +158,23 @@ resampled into the template space with trilinear interpolation in a single step.
         (register, jacobian, [("forward_xfm", "transform")]),
         (register, provenance, [("provenance", "provenance")]),
         (jacobian, provenance, [("folded_fraction", "folded_fraction")]),
+        (inputnode, similarity, [("template_image", "fixed")]),
+        (resample, similarity, [("out_file", "warped")]),
+        (similarity, provenance, [("similarity", "similarity")]),
         (register, outputnode, [("forward_xfm", "forward_xfm"), ("inverse_xfm", "inverse_xfm")]),
         (resample, outputnode, [("out_file", "anat_in_template")]),
         (jacobian, outputnode, [("out_file", "log_jacobian")]),
         (provenance, outputnode, [("provenance", "provenance")]),
     ])
     if template_has_mask:
-        workflow.connect(inputnode, "template_mask", prealign_node, "fixed_mask")
+        workflow.connect([(inputnode, prealign_node, [("template_mask", "fixed_mask")]),
+                          (inputnode, similarity, [("template_mask", "mask")])])
     return workflow
 
 
-def _add_folding(provenance: dict, folded_fraction: float) -> dict:
-    """The registration provenance plus the folded-voxel fraction of the forward map."""
-    return dict(provenance, FoldedVoxelFraction=float(folded_fraction))
+def _add_folding(provenance: dict, folded_fraction: float, similarity: float) -> dict:
+    """The registration provenance plus the folded-voxel fraction of the forward map and the
+    similarity of the result (NCC of the template and the resampled image, in the template's
+    brain mask)."""
+    return dict(provenance, FoldedVoxelFraction=float(folded_fraction),
+                SimilarityMetric="NCC", Similarity=float(similarity))

@@ -1,0 +1,1 @@
+"""Label maps: multi-atlas label fusion and label tables/volumes, on numpy/torch volumes."""
