@@ -320,3 +320,18 @@ def test_unknown_atlas_and_bad_space_are_usage_errors(site, tmp_path):
                       site["env"], tmp_path)
     assert result.returncode == 2 and "not an output space" in result.stderr
     assert not out.exists()
+
+
+def test_atlas_settings_round_trip_through_the_run_toml(tmp_path):
+    from ugi_bids.config import Config
+    from ugi_bids.utils.atlases import parse_atlas, parse_library
+
+    config = Config(bids_dir=tmp_path, output_dir=tmp_path / "out",
+                    atlases=[parse_atlas("HOSPA:desc-th25"),
+                             parse_atlas(f"DK={dk_atlas_path()},labels={dk_table_path()}")],
+                    atlas_libraries=[parse_library(f"lib={tmp_path}")], label_fusion="majority")
+    text = config.to_toml()
+    assert 'atlases = [\n    "HOSPA:desc-th25",' in text and "label_fusion = \"majority\"" in text
+    again = Config.from_toml(text)
+    assert again.atlases == config.atlases and again.atlas_libraries == config.atlas_libraries
+    assert again.label_fusion == "majority"

@@ -205,13 +205,21 @@ def test_atlas_segmentation_minimal_with_session(out, raw, files):
     assert names == ["sub-02/ses-A/anat/sub-02_ses-A_space-T1w_atlas-Glasser_dseg.nii.gz"]
 
 
-@pytest.mark.parametrize("missing", ["space", "atlas"])
-def test_atlas_segmentation_requires_space_and_atlas(out, raw, files, missing):
-    entities = {"space": SPACE, "atlas": "Schaefer2018"}
-    entities.pop(missing)
+def test_atlas_segmentation_requires_atlas(out, raw, files):
     with pytest.raises(ValueError, match="Could not build path"):
-        _sink(out, str(files["image"]), raw["plain"], suffix="dseg", **entities)
+        _sink(out, str(files["image"]), raw["plain"], suffix="dseg", space=SPACE)
     assert _all_files(out) == []
+
+
+def test_native_atlas_segmentation_and_volumes_have_no_space(out, raw, files):
+    """Labels carried into the subject's own image space: no space- entity (the raw image's
+    grid, named by its participant and session), and their volumes table beside them."""
+    _, names = _sink(out, str(files["image"]), raw["session"], suffix="dseg", atlas="DK",
+                     desc="aseg", compress=True, dismiss_entities=["acquisition", "run"])
+    assert names == ["sub-02/ses-A/anat/sub-02_ses-A_atlas-DK_desc-aseg_dseg.nii.gz"]
+    _, names = _sink(out, str(files["tsv"]), raw["session"], suffix="volumes", atlas="DK",
+                     extension=".tsv", dismiss_entities=["acquisition", "run"])
+    assert names == ["sub-02/ses-A/anat/sub-02_ses-A_atlas-DK_volumes.tsv"]
 
 
 # -- atomicity -----------------------------------------------------------------------------

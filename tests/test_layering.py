@@ -226,6 +226,14 @@ def test_spatial_and_formats_use_only_light_kernels(graph):
     assert direct_ours_outside(graph, modules, allowed, exactly=("ugi_bids.engine.kernels",)) == []
 
 
+#: label tables and region volumes: read by the BIDS-App's parent process, the group level
+LABEL_TABLES = ("ugi_bids.engine.labels.tables", "ugi_bids.engine.labels.volumes")
+
+
+def test_label_tables_and_volumes_never_import_torch(graph):
+    assert forbidden_external(graph, list(LABEL_TABLES), TORCH) == []
+
+
 def test_light_kernels_never_import_torch(graph):
     modules = ["ugi_bids.engine.kernels", *LIGHT_KERNELS]
     assert forbidden_external(graph, modules, TORCH) == []

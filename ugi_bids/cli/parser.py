@@ -313,8 +313,8 @@ def _add_registration(parser: argparse.ArgumentParser) -> None:
 
 def _add_labels(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "Atlas labels", "carry atlas labels into every session's native space (through the "
-        "inverse transforms, label-aware interpolation as ANTs' GenericLabel), with region "
+        "Atlas labels", "carry atlas labels into every session's native space (through the\n"
+        "inverse transforms, label-aware interpolation as ANTs' GenericLabel), with region\n"
         "volumes; or segment every session by multi-atlas label fusion")
     group.add_argument("--atlases", dest="atlases", nargs="+", action="extend", metavar="SPEC",
                        help="atlases to propagate: a TemplateFlow atlas NAME[:desc-DESC] of an "

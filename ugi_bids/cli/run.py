@@ -146,8 +146,6 @@ def write_dataset_files(config: Config, workflow, label_sets=()) -> None:
                           "atlas lookup table")
 
 
-#: The run's settings, written into every processed participant's log folder.
-SETTINGS_FILE = "ugi-bids.toml"
 
 
 def write_run_settings(requested: Config, participants, environment: dict) -> list[Path]:
@@ -156,7 +154,7 @@ def write_run_settings(requested: Config, participants, environment: dict) -> li
     a ``--config-file`` that reproduces the run. ``environment`` (versions, the device and
     weights resolved) goes into the ``[environment]`` record."""
     from ..engine.formats.staging import write_text_atomic
-    from ..utils.provenance import crash_dir
+    from ..utils.provenance import SETTINGS_FILE, crash_dir
 
     text = requested.to_toml(environment)
     return [write_text_atomic(crash_dir(requested.output_dir, participant, requested.run_uuid)

@@ -302,8 +302,12 @@ def fuse_label_files(target_file: str, images: list[str], labels: list[str], out
     fused = fuse_labels(target.data, atlas_images, atlas_labels, method=method, mask=mask,
                         device=resolve_device(device), **params)
     _save_labels(Volume(target.grid, np.asarray(fused)), out_file)
-    return {"Method": method, **({f"{key}": value for key, value in params.items()}
-                                 if method == "jlf" else {})}
+    if method != "jlf":
+        return {"Method": method, "TieBreak": "summed local patch correlation (Pearson), radius "
+                f"{params['patch_radius']}"}
+    return {"Method": method, "Alpha": params["alpha"], "Beta": params["beta"],
+            "PatchRadius": params["patch_radius"], "SearchRadius": params["search_radius"],
+            "PatchMetric": "MSQ", "IntensityNormalisation": "per image, robust z-score"}
 
 
 def similarity_after(fixed_file: str, warped_file: str, mask_file: str | None = None) -> float:

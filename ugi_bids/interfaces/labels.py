@@ -126,6 +126,8 @@ class _FuseInputSpec(BaseInterfaceInputSpec):
     labels = InputMultiObject(File(exists=True), mandatory=True, desc="warped library labels")
     method = _choice(options.DEFAULT_FUSION, options.FUSION_METHODS)
     device = traits.Str(options.DEFAULT_DEVICE, usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True,
+                          desc="tells nipype's MultiProc to schedule this node on a GPU slot")
     num_threads = traits.Int(1, usedefault=True, desc="CPU threads torch may use (n_procs)")
 
 

@@ -59,7 +59,7 @@ from typing import Any, NamedTuple
 from ..config import SUFFIX_MODALITY, Config, read_settings
 from ..engine.formats.staging import write_text_atomic
 from ..errors import NoDataError, UgiError, one_line
-from .provenance import PIPELINE_NAME, _dump_json, write_bidsignore
+from .provenance import PIPELINE_NAME, SETTINGS_FILE, dump_json, write_bidsignore
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,8 +69,6 @@ else:  # Python 3.10: the same parser, as the ``tomli`` package
 LOGGER = logging.getLogger("ugi_bids.group")
 
 NA = "n/a"
-#: The run settings every participant-level run writes into ``sub-X/log/<run_uuid>/``.
-SETTINGS_FILE = "ugi-bids.toml"
 REGISTRATIONS_FILE = "group_registrations.tsv"
 #: Columns of ``group_registrations.tsv`` after the four identifying ones: forward sidecar key,
 #: whether the value is a number, description, units.
@@ -183,7 +181,7 @@ def run_group(config: Config) -> int:
     for name, (text, sidecar) in files.items():
         write_text_atomic(out / name, text, "group table")
         sidecar["Incomplete"] = incomplete
-        write_text_atomic(out / name.replace(".tsv", ".json"), _dump_json(sidecar),
+        write_text_atomic(out / name.replace(".tsv", ".json"), dump_json(sidecar),
                           "group table sidecar")
     write_bidsignore(out, extra=("group_*",))
     for issue in issues:

@@ -50,7 +50,7 @@ _CITEKEY = re.compile(
 _BIBKEY = re.compile(r"^\s*@\w+\s*\{\s*([^,\s]+)\s*,", re.MULTILINE)
 
 
-def _dump_json(data: Mapping[str, Any]) -> str:
+def dump_json(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -222,7 +222,7 @@ def write_dataset_description(
     description = build_dataset_description(
         bids_dir=bids_dir, version=version, container=container,
         templateflow_home=templateflow_home, code_url=code_url)
-    return write_text_atomic(path, _dump_json(description))
+    return write_text_atomic(path, dump_json(description))
 
 
 # -- .bidsignore ---------------------------------------------------------------------------
@@ -237,6 +237,11 @@ def write_bidsignore(output_dir: str | os.PathLike, extra: Iterable[str] = ()) -
             lines.append(entry)
             present.add(entry)
     return write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+#: The run's settings (TOML), written into ``sub-<label>/log/<run_uuid>/`` by every
+#: participant-level run and read back by the group level.
+SETTINGS_FILE = "ugi-bids.toml"
 
 
 # -- crash files ---------------------------------------------------------------------------

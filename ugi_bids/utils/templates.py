@@ -540,8 +540,9 @@ def _prefetch_command(name: str, image: _Entry, mask: _Entry | None, listed: boo
     def call(entry: _Entry) -> str:
         cohort = "" if entry.cohort is None else f", cohort={entry.cohort}"
         atlas = "" if entry.atlas is None else f", atlas={entry.atlas!r}"
+        ext = "" if entry.ext == ".nii.gz" else f", extension={entry.ext!r}"
         return (f"get({name!r}{cohort}, resolution={entry.res}{atlas}, desc={entry.desc!r}, "
-                f"suffix={entry.suffix!r}, extension={entry.ext!r})")
+                f"suffix={entry.suffix!r}{ext})")
 
     update = ("import templateflow; templateflow.update(local=True, overwrite=False, silent=True); "
               if not listed else "")

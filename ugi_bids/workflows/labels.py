@@ -198,7 +198,8 @@ carried onto the session's grid {GENERIC_LABEL_TEXT}, and the warped labels were
         **({"modalities": list(library_modalities)} if library_modalities else {})),
         name="warp_library", n_procs=omp_nthreads,
         mem_gb=registration_mem_gb(network_size, io_iterations, io_checkpointing) + 1.0)
-    fuse = pe.Node(FuseLabels(method=method, device=device, num_threads=omp_nthreads),
+    fuse = pe.Node(FuseLabels(method=method, device=device, use_gpu=use_gpu,
+                              num_threads=omp_nthreads),
                    name="fuse_labels", n_procs=omp_nthreads, mem_gb=4.0)
     volumes = pe.Node(RegionVolumes(), name="region_volumes", mem_gb=0.5)
     workflow.connect([
