@@ -41,6 +41,7 @@ from ugi_bids.engine.labels.fusion import (
     NORMALISED_SPREAD,
     fuse_labels,
     normalise_intensities,
+    search_offsets,
 )
 from ugi_bids.engine.spatial.geometry import Grid
 from ugi_bids.engine.spatial.transforms import DisplacementField, WorldTransform
@@ -127,8 +128,7 @@ def ants_joint_fusion(target, images, labels, mask, alpha, beta, rp, rs, metric)
     the weights and the votes as ``ThreadedGenerateDataForWeightedAveraging`` computes them,
     the decision as ``ThreadedGenerateDataForReconstruction`` (label 0 competes)."""
     shape = np.array(target.shape)
-    search = _cube(rs)
-    search = search[np.argsort((search ** 2).sum(axis=1), kind="stable")]
+    search = search_offsets(rs)              # ANTs' std::sort order (test_search_order_is_ants)
     patch = _cube(rp)
     size = len(patch)
 
@@ -204,6 +204,67 @@ def ants_joint_fusion(target, images, labels, mask, alpha, beta, rp, rs, metric)
     return out
 
 
+SORT_PROGRAM = r"""
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <utility>
+#include <vector>
+// ANTs' BeforeThreadedGenerateData: (index, squared distance) pairs, std::sort on distance
+struct Closer {
+  bool operator()(const std::pair<unsigned, double> &l, const std::pair<unsigned, double> &r) const
+  { return l.second < r.second; }
+};
+int main(int argc, char **argv) {
+  const long r = std::atol(argv[1]);
+  const double spacing[3] = {std::atof(argv[2]), std::atof(argv[3]), std::atof(argv[4])};
+  std::vector<std::pair<unsigned, double>> v;
+  unsigned n = 0;
+  for (long c = -r; c <= r; ++c) for (long b = -r; b <= r; ++b) for (long a = -r; a <= r; ++a) {
+    const long o[3] = {a, b, c};
+    double d = 0.0;
+    for (int k = 0; k < 3; ++k) { const double t = o[k] * spacing[k]; d += t * t; }
+    v.push_back(std::make_pair(n++, d));
+  }
+  std::sort(v.begin(), v.end(), Closer());
+  for (const auto &p : v) std::printf("%u\n", p.first);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def std_sort(tmp_path_factory) -> str:
+    """ANTs' offset sort compiled with the system's g++ (GCC's libstdc++, as ANTs' Linux
+    builds); skipped without a compiler."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    folder = tmp_path_factory.mktemp("sort")
+    (folder / "order.cxx").write_text(SORT_PROGRAM)
+    subprocess.run([compiler, "-O1", "-o", str(folder / "order"), str(folder / "order.cxx")],
+                   check=True)
+    return str(folder / "order")
+
+
+@pytest.mark.parametrize("radius, spacing", [(3, (1.0, 1.0, 1.0)), (2, (1.0, 1.0, 1.0)),
+                                             (3, (0.8, 0.8, 2.5)), (4, (1.0, 1.2, 1.0))])
+def test_search_order_is_ants(std_sort, radius, spacing):
+    """Offsets at equal distance come in the order GCC's std::sort leaves them (ANTs on Linux):
+    it decides exact ties of the patch metric, common where flat patches meet."""
+    import subprocess
+
+    run = subprocess.run([std_sort, str(radius), *map(str, spacing)],
+                         check=True, capture_output=True, text=True)
+    theirs = [int(line) for line in run.stdout.split()]
+    side = 2 * radius + 1
+    ours = search_offsets(radius, spacing) + radius
+    assert (ours[:, 0] + side * (ours[:, 1] + side * ours[:, 2])).tolist() == theirs
+
+
 def smooth_volumes(shape, count, seed, scale):
     rng = np.random.default_rng(seed)
     base = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
@@ -253,7 +314,6 @@ def ants_decision(result: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("metric, crop, atlases", [
     pytest.param("msq", 32, 3, marks=pytest.mark.slow),        # ~7 s alone, up to 60 s loaded
-    pytest.param("msq", 40, 4, marks=pytest.mark.slow),        # ~15 s
     pytest.param("pc", 32, 3, marks=pytest.mark.slow),         # ~7 s
 ])
 def test_jlf_matches_antspyx(ants, metric, crop, atlases):
@@ -314,8 +374,8 @@ def library():
     return labelled_subjects(3.0, per_brain=3)
 
 
-@pytest.mark.parametrize("target_index", [           # a 2009c and an FSL subject, ~4 s each
-    pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("target_index", [           # a 2009c subject as the target (the benchmark covers more)
+    pytest.param(0, marks=pytest.mark.slow)])
 def test_leave_one_out_dice(library, target_index):
     target, truth = library[target_index]
     rest = [s for i, s in enumerate(library) if i != target_index]

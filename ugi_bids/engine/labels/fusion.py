@@ -35,24 +35,27 @@ of ``NonLocalPatchBasedImageFilter``. For every target voxel ``c`` in the mask:
 The patch normalisation is that of the ANTs antspyx 0.6.3 ships (ANTs 2.5.1.post95),
 established by probing it with single-voxel masks and flat or nearly flat patches, and the same
 as the ``NonLocalPatchBasedImageFilter`` of ITK's AdaptiveDenoising module: float32 running sums
-for the mean and the standard deviation, *no* floor on the standard deviation, and below
-float32's epsilon the patch is zeroed before ``(x - mean) / sd``, which makes an
-exactly flat patch NaN or infinite (its row of ``M`` then becomes 0, so that atlas weighs
-``1 / alpha``; a flat target patch gives uniform weights). Older ANTs sources
-(``Utilities/itkNonLocalPatchBasedImageFilter.hxx``) divide by ``max(sd, 1)`` instead; on
-images normalised by :func:`normalise_intensities` (patch spreads far above 1) the two agree
-except on flat patches.
+for the mean and the standard deviation (reproduced bit for bit here), *no* floor on the
+standard deviation, and below float32's epsilon the patch is zeroed before
+``(x - mean) / sd``. An exactly flat patch therefore comes out NaN or infinite (its row of
+``M`` becomes 0, so that atlas weighs ``1 / alpha``; a flat target patch gives uniform
+weights, and matches no patch under ``"pc"``), or, when the running sums round to a small
+positive variance, nearly 0. Older ANTs sources (``Utilities/
+itkNonLocalPatchBasedImageFilter.hxx``) divide by ``max(sd, 1)`` instead; on images normalised
+by :func:`normalise_intensities` (patch spreads far above 1) the two agree except on flat
+and low-contrast patches. Offsets at equal distance are tried in the order GCC's
+``std::sort`` leaves them (ANTs' Linux builds; :func:`search_offsets`): that order decides the
+exact ties of the patch metric where flat patches meet, in the background.
 
-Differences from ANTs, all at the level of rounding: the search in float32 in another order of
-summation, the patch statistics in two passes (ANTs: running sums; flat patches reproduce
-ANTs' running sums exactly), the n x n systems (n atlases) solved in float64 by LU (ANTs:
-Cholesky), the votes summed in float32 (as ANTs) in another order; offsets at equal distance
-are tried in raster order (ANTs' ``std::sort`` is not stable); where every weight would be
-clipped to 0 (ANTs: NaN weights), the weights are uniform. On CUDA the votes are summed with
-atomic adds, whose order varies between runs. antspyx's ``ants.joint_label_fusion`` does not
-return the filter's decision: it takes the arg-max of the probability images of the labels
-other than 0 (the command line writes none for 0), so 0 never wins inside its mask; ours, like
-``antsJointFusion -o label.nii.gz``, lets 0 compete.
+Differences from ANTs, all at the level of rounding: the patch metric of the search in
+float32 in another order of summation (ANTs: float32 running sums), the n x n systems (n
+atlases) solved in float64 by LU (ANTs: Cholesky), the votes summed in float32 (as ANTs) in
+another order; where every weight would be clipped to 0 (ANTs: NaN weights), the weights are
+uniform. On CUDA the votes are summed with atomic adds, whose order varies between runs.
+antspyx's ``ants.joint_label_fusion`` does not return the filter's decision: it takes the
+arg-max of the probability images of the labels other than 0 (the command line writes none
+for 0), so 0 never wins inside its mask; ours, like ``antsJointFusion -o label.nii.gz``, lets
+0 compete.
 
 Majority vote (``method="majority"``)
 ------------------------------------
@@ -169,16 +172,121 @@ def normalise_intensities(image: np.ndarray, mask: np.ndarray | None = None) -> 
 def search_offsets(radius: int, spacing: Sequence[float] | None = None) -> np.ndarray:
     """The offsets (m, 3) of a cube of ``radius`` voxels in ANTs' search order.
 
-    ITK's neighbourhood order (axis 0 fastest) stably sorted by squared physical distance
-    ``sum((o * spacing)^2)`` (``BeforeThreadedGenerateData``; ANTs' ``std::sort`` is not stable,
-    which matters only for exactly equal patch metrics at equal distances).
+    ITK's neighbourhood order (axis 0 fastest) sorted by squared physical distance
+    ``sum((o * spacing)^2)`` with ``std::sort`` (``BeforeThreadedGenerateData``), which is not
+    stable: offsets at equal distance end up in the order libstdc++'s introsort leaves them in,
+    reproduced here (:func:`_libstdcxx_sort`). That order decides exact ties of the patch
+    metric, common where flat patches meet (the background).
     """
     steps = np.arange(-radius, radius + 1)
     o2, o1, o0 = np.meshgrid(steps, steps, steps, indexing="ij")
     offsets = np.stack([o0.ravel(), o1.ravel(), o2.ravel()], axis=1)
-    scale = np.ones(3) if spacing is None else np.asarray(spacing, dtype=np.float64)
-    distance = ((offsets * scale) ** 2).sum(axis=1)
-    return offsets[np.argsort(distance, kind="stable")]
+    scale = [1.0, 1.0, 1.0] if spacing is None else [float(v) for v in spacing]
+    distance = []
+    for o in offsets.tolist():                  # ANTs: sum over d of sqr(offset[d] * spacing[d])
+        total = 0.0
+        for d in range(3):
+            step = o[d] * scale[d]
+            total += step * step
+        distance.append(total)
+    return offsets[_libstdcxx_sort(distance)]
+
+
+def _libstdcxx_sort(keys: Sequence[float]) -> list[int]:
+    """The permutation ``std::sort`` (GCC's libstdc++: introsort, median-of-three pivot,
+    heapsort past the depth limit, final insertion sort over blocks of 16) applies to
+    ``keys`` with the comparator ``a < b``."""
+    a = [(float(k), i) for i, k in enumerate(keys)]
+    less = lambda x, y: x[0] < y[0]
+    threshold = 16
+
+    def adjust_heap(first, hole, length, value):
+        top, child = hole, hole
+        while child < (length - 1) // 2:
+            child = 2 * (child + 1)
+            if less(a[first + child], a[first + child - 1]):
+                child -= 1
+            a[first + hole] = a[first + child]
+            hole = child
+        if length % 2 == 0 and child == (length - 2) // 2:
+            child = 2 * (child + 1)
+            a[first + hole] = a[first + child - 1]
+            hole = child - 1
+        parent = (hole - 1) // 2
+        while hole > top and less(a[first + parent], value):
+            a[first + hole] = a[first + parent]
+            hole = parent
+            parent = (hole - 1) // 2
+        a[first + hole] = value
+
+    def heap_sort(first, last):                    # __partial_sort(first, last, last)
+        length = last - first
+        if length >= 2:
+            parent = (length - 2) // 2
+            while True:
+                adjust_heap(first, parent, length, a[first + parent])
+                if parent == 0:
+                    break
+                parent -= 1
+        while last - first > 1:
+            last -= 1
+            value = a[last]
+            a[last] = a[first]
+            adjust_heap(first, 0, last - first, value)
+
+    def introsort(first, last, depth):
+        while last - first > threshold:
+            if depth == 0:
+                heap_sort(first, last)
+                return
+            depth -= 1
+            mid = first + (last - first) // 2
+            x, y, z = first + 1, mid, last - 1             # __move_median_to_first
+            if less(a[x], a[y]):
+                pick = y if less(a[y], a[z]) else (z if less(a[x], a[z]) else x)
+            else:
+                pick = x if less(a[x], a[z]) else (z if less(a[y], a[z]) else y)
+            a[first], a[pick] = a[pick], a[first]
+            lo, hi = first + 1, last                       # __unguarded_partition
+            while True:
+                while less(a[lo], a[first]):
+                    lo += 1
+                hi -= 1
+                while less(a[first], a[hi]):
+                    hi -= 1
+                if not lo < hi:
+                    break
+                a[lo], a[hi] = a[hi], a[lo]
+                lo += 1
+            introsort(lo, last, depth)
+            last = lo
+
+    def linear_insert(i):
+        value, j = a[i], i - 1
+        while less(value, a[j]):
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = value
+
+    def insertion_sort(first, last):
+        for i in range(first + 1, last):
+            if less(a[i], a[first]):
+                value = a[i]
+                a[first + 1:i + 1] = a[first:i]
+                a[first] = value
+            else:
+                linear_insert(i)
+
+    n = len(a)
+    if n > 1:
+        introsort(0, n, 2 * (n.bit_length() - 1))
+        if n > threshold:
+            insertion_sort(0, threshold)
+            for i in range(threshold, n):
+                linear_insert(i)
+        else:
+            insertion_sort(0, n)
+    return [i for _, i in a]
 
 
 def box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -548,10 +656,22 @@ def _search_block(target: torch.Tensor, images: torch.Tensor, axes: list[torch.T
     if metric == "pc":
         inside = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
         target_in = inside[p]
-        count_t = box_sum(target_in, rp).clamp_min(1.0)
-        mean_t = box_sum(target_p, rp) / count_t
-        sd_t = ((box_sum(target_p * target_p, rp) - count_t * mean_t * mean_t)
-                / (count_t - 1).clamp_min(1.0)).clamp_min(0.0).sqrt().clamp_min(1.0)
+        # the normalised target patch y = (T - mean) / sd with ANTs' float32 running sums
+        # (:func:`_normalised_patches`); T is 0 outside the image, which adds nothing
+        count_t = box_sum(target_in, rp)
+        total = torch.zeros(s, device=images.device)
+        squares = torch.zeros(s, device=images.device)
+        for dz, dy, dx in patch_offsets(rp).tolist():
+            value = target_p[rp + dz:rp + dz + s[0], rp + dy:rp + dy + s[1],
+                             rp + dx:rp + dx + s[2]]
+            total += value
+            squares += value * value
+        mean_t = total / count_t
+        sd_t = ((squares - count_t * (mean_t * mean_t)) / (count_t - 1)).sqrt()
+        # NaN or zero spread: y is not finite, no atlas patch matches (ANTs keeps offset 0);
+        # below float32's epsilon y is the constant -mean / sd
+        no_match = ~(sd_t > 0)
+        tiny = (sd_t > 0) & (sd_t < _FLOAT32_EPS)
         if not border_axes:
             sum_a_all = box_sum(images, rp)                     # indexed by centre + offset
             sum_a2_all = box_sum(images * images, rp)
@@ -597,12 +717,15 @@ def _search_block(target: torch.Tensor, images: torch.Tensor, axes: list[torch.T
                 c = (slice(None),) + tuple(slice(rs + o[a], rs + o[a] + s[a]) for a in range(3))
                 sum_x, sum_x2, count = sum_a_all[c], sum_a2_all[c], k ** 3
             xy = (sum_xy - mean_t * sum_x) / sd_t
+            xy = torch.where(tiny, -mean_t / sd_t * sum_x, xy)
             var_x = (sum_x2 - sum_x * sum_x / count).clamp_min(1e-6)
             measure = xy * xy / var_x
             similarity = torch.where(xy > 0, -measure, measure)
+            valid = ~no_match
             if border_axes:
                 centre = inside[tuple(slice(reach + o[a], reach + o[a] + s[a]) for a in range(3))]
-                similarity = torch.where((count >= 3) & (centre > 0), similarity, torch.inf)
+                valid = valid & (count >= 3) & (centre > 0)
+            similarity = torch.where(valid, similarity, torch.inf)
         torch.minimum(best, _ordered_key(similarity, shift, j, signed=metric == "pc"), out=best)
     return (best & ((1 << shift) - 1)).to(index_dtype)
 
