@@ -757,19 +757,15 @@ def _normalised_patches(values: torch.Tensor,
     non-finite values.
     """
     size = values.shape[-1]
-    columns = values.movedim(-1, 0).contiguous()             # (P, ...): one patch voxel a row
+    clean = values
     if border:
-        finite = torch.isfinite(columns)
-        columns = torch.where(finite, columns, 0.0)           # adding 0 leaves a sum unchanged
-        count = finite.sum(dim=0).to(values.dtype)
+        finite = torch.isfinite(values)
+        clean = torch.where(finite, values, 0.0)              # adding 0 leaves a sum unchanged
+        count = finite.sum(dim=-1).to(values.dtype)
     else:
         count = torch.full(values.shape[:-1], float(size), dtype=values.dtype,
                            device=values.device)
-    total = torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
-    squares = torch.zeros_like(total)
-    for k in range(size):                                     # ANTs' running sums, in order
-        total += columns[k]
-        squares += columns[k] * columns[k]
+    total, squares = _running_sums(clean)
     mean = total / count
     sd = ((squares - count * (mean * mean)) / (count - 1)).sqrt()
     zeroed = sd < _FLOAT32_EPS
@@ -780,6 +776,19 @@ def _normalised_patches(values: torch.Tensor,
     if border:
         suspect |= count < size
     return out, suspect
+
+
+def _running_sums(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 running sums of ``values`` and of their squares over the last axis, in order
+    (each partial sum rounded to float32, as ANTs' loops do; torch's reductions and cumsum
+    round differently): one vectorised add per patch voxel, across all the patches."""
+    columns = values.movedim(-1, 0).contiguous()
+    total = torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
+    squares = torch.zeros_like(total)
+    for column in columns:
+        total += column
+        squares += column * column
+    return total, squares
 
 
 def _weights(target_patches: torch.Tensor, atlas_patches: torch.Tensor, alpha: float,
