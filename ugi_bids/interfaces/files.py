@@ -255,12 +255,20 @@ def warp_library(target_file: str, images: list[str], labels: list[str], out_dir
     # one register_many per intensity model (libraries are normally of one modality)
     for modality in dict.fromkeys(modalities):
         chosen = [i for i, m in enumerate(modalities) if m == modality]
+        loaded: dict[int, Volume] = {}
+
+        def library_volumes():
+            # each image is read once: for its registration, then for its resampling
+            for i in chosen:
+                loaded[i] = load_volume(images[i], "library image")
+                yield loaded[i]
+
         results = registrar.register_many(
-            target, [images[i] for i in chosen], fixed_modality=target_modality,
+            target, library_volumes(), fixed_modality=target_modality,
             moving_modality=modality, prealign=prealign, io_iterations=io_iterations,
             io_similarity=io_similarity)
         for i, result in zip(chosen, results):
-            image = load_volume(images[i], "library image")
+            image = loaded.pop(i)
             label_map = load_volume(labels[i], "library label map")
             warped_image = apply_transform(image, result.forward, target.grid, "linear")
             warped_label = apply_transform(

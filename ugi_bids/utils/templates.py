@@ -705,9 +705,10 @@ class TemplateFlowAtlas:
     resolution: int | None
 
 
-def _atlas_files(clients, name: str, cohort, atlas: str, desc: str | None, ext) -> list[str]:
+def _atlas_files(clients, name: str, cohort, atlas: str, desc: str | None, ext,
+                 **more) -> list[str]:
     query = {**_PLAIN, "cohort": cohort, "atlas": atlas, "desc": desc, "suffix": "dseg",
-             "extension": ext}
+             "extension": ext, **more}
     return sorted({path.relative_to(client.cache.layout.root).as_posix()
                    for client in clients for path in client.ls(name, **query)})
 
@@ -737,8 +738,7 @@ def find_templateflow_atlas(template: ResolvedTemplate, atlas: str, desc: str | 
         resolutions[0] if resolutions else None)
     image = next(_Entry(path, cohort, res, desc, "dseg", ext, atlas)
                  for ext in _NIFTI for path in _atlas_files(
-                     clients, name, cohort, atlas, desc, ext)
-                 if res is None or f"_res-{res:02d}_" in path or f"_res-{res}_" in path)
+                     clients, name, cohort, atlas, desc, ext, resolution=res))
     tables = _atlas_files(clients, name, cohort, atlas, desc, ".tsv")
     table = _Entry(tables[0], cohort, None, desc, "dseg", ".tsv", atlas) if tables else None
     spec = dataclasses.replace(template.spec, name=name)

@@ -170,6 +170,21 @@ def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, template
         raw_uri = bids_uri(image, config.bids_dir)
         tag = "_".join(t for t in (f"ses{_safe(session)}" if session else "", suffix) if t)
 
+        brain_masks: dict = {}
+
+        def brain_mask(space: str):
+            """The space's template brain mask carried into this session (one node per
+            session and space, through the same inverse transform as the labels), or None."""
+            if spaces[space].mask is None:
+                return None
+            if space not in brain_masks:
+                node = pe.Node(PropagateLabels(in_file=str(spaces[space].mask), reference=image),
+                               name=f"brain_mask_{tag}_{_safe(space)}", mem_gb=1.0)
+                workflow.connect(registrations[session, suffix, space],
+                                 "outputnode.inverse_xfm", node, "transform")
+                brain_masks[space] = node
+            return brain_masks[space]
+
         def xfm_uri(space: str) -> str:
             return derivative_uri(subject=subject_id, session=session, suffix="xfm",
                                   extension=".h5", mode="image", **{"from": space, "to": suffix})
@@ -187,8 +202,9 @@ def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, template
             prop_wf.inputs.inputnode.atlas = str(atlas.image)
             prop_wf.inputs.inputnode.table = str(atlas_table_path(config.output_dir, atlas.label))
             prop_wf.inputs.inputnode.reference = image
-            if template.mask is not None:
-                prop_wf.inputs.inputnode.brain_mask = str(template.mask)
+            mask_node = brain_mask(atlas.space)
+            if mask_node is not None:
+                workflow.connect(mask_node, "out_file", prop_wf, "inputnode.brain_mask")
             ds_wf = init_labels_derivatives_wf(
                 output_dir=str(config.output_dir), source_file=image, atlas=atlas.spec.name,
                 desc=atlas.spec.desc, metadata={
@@ -211,13 +227,7 @@ def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, template
             ])
         if not libraries:
             continue
-        first = templates[suffix][0]
-        brain_mask = None
-        if first.mask is not None:
-            brain_mask = pe.Node(PropagateLabels(in_file=str(first.mask), reference=image),
-                                 name=f"brain_mask_{tag}", mem_gb=1.0)
-            workflow.connect(registrations[session, suffix, first.spec.label],
-                             "outputnode.inverse_xfm", brain_mask, "transform")
+        fusion_mask = brain_mask(templates[suffix][0].spec.label)
         for library in libraries:
             fusion_wf = init_label_fusion_wf(
                 library_name=library.spec.name, library_size=len(library.images),
@@ -228,7 +238,7 @@ def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, template
                 prealign=config.prealign, network_size=config.network_size,
                 io_iterations=config.io_iterations, io_similarity=config.io_similarity,
                 omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
-                has_brain_mask=brain_mask is not None,
+                has_brain_mask=fusion_mask is not None,
                 name=f"fusion_{tag}_{_safe(library.spec.name)}_wf")
             fusion_wf.inputs.inputnode.reference = image
             fusion_wf.inputs.inputnode.library_images = [str(i.image) for i in library.images]
@@ -255,8 +265,8 @@ def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, template
                                     (("outputnode.parameters", _fusion_metadata),
                                      "inputnode.extra_metadata")]),
             ])
-            if brain_mask is not None:
-                workflow.connect(brain_mask, "out_file", fusion_wf, "inputnode.brain_mask")
+            if fusion_mask is not None:
+                workflow.connect(fusion_mask, "out_file", fusion_wf, "inputnode.brain_mask")
 
 
 def library_modality(image) -> str:

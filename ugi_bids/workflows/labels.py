@@ -44,7 +44,8 @@ def init_atlas_propagation_wf(*, atlas_text: str, space: str, suffix: str,
     suffix : str
         The anatomical image the labels land on (the first ``--anat-suffixes`` entry).
     has_brain_mask : bool
-        Whether ``brain_mask`` will be given (the space's template brain mask).
+        Whether ``brain_mask`` will be given (the space's template brain mask, already carried
+        into the session: one per session and space, shared by that space's atlases).
     citation : str, optional
         Markdown naming the atlas with its citation (:func:`atlas_reference`).
 
@@ -59,7 +60,7 @@ def init_atlas_propagation_wf(*, atlas_text: str, space: str, suffix: str,
     reference
         The session's anatomical image (the output grid).
     brain_mask
-        The template's brain mask in ``space`` (optional).
+        The template's brain mask carried into the session's native space (optional).
 
     Outputs
     -------
@@ -101,12 +102,7 @@ resampling step {GENERIC_LABEL_TEXT}; region volumes were counted in native mill
         (volumes, outputnode, [("out_file", "volumes"), ("brain_volume", "brain_volume")]),
     ])
     if has_brain_mask:
-        propagate_mask = pe.Node(PropagateLabels(), name="propagate_brain_mask", mem_gb=1.0)
-        workflow.connect([
-            (inputnode, propagate_mask, [("brain_mask", "in_file"), ("inverse_xfm", "transform"),
-                                         ("reference", "reference")]),
-            (propagate_mask, volumes, [("out_file", "brain_mask")]),
-        ])
+        workflow.connect(inputnode, "brain_mask", volumes, "brain_mask")
     return workflow
 
 
