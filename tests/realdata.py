@@ -117,3 +117,35 @@ def oblique_anisotropic_grid(volume: Volume, angles_deg=(12.0, -8.0, 15.0),
 def brain_mask(volume: Volume) -> np.ndarray:
     """A boolean brain mask of a skull-stripped image (non-zero voxels)."""
     return volume.data > 0.05 * float(volume.data.max())
+
+
+def nilearn_data_dir() -> str | None:
+    """nilearn's bundled data folder (``nilearn/datasets/data``), or None without nilearn."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "datasets", "data")
+    return path if os.path.isdir(path) else None
+
+
+def nilearn_2009a_brain() -> Volume:
+    """nilearn's ICBM 2009a symmetric T1 (197x233x189, 1 mm, RAS; a third brain image, neither
+    the 2009c asymmetric nor FSL's MNI152), skull-stripped with its own GM+WM maps: voxels where
+    ``gm + wm > 0.2`` (maps scaled to [0, 1]), closed (3 iterations) and hole-filled (so the
+    ventricles stay inside). Float32 intensities (0..255), zero outside the brain."""
+    base = nilearn_data_dir()
+    if base is None:
+        pytest.skip("nilearn is not installed: no ICBM 2009a image")
+    names = {kind: os.path.join(base, f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")
+             for kind in ("t1", "gm", "wm")}
+    for path in names.values():
+        if not os.path.exists(path):
+            pytest.skip(f"nilearn data file missing: {os.path.basename(path)}")
+    t1 = nib.load(names["t1"])
+    gm = np.asarray(nib.load(names["gm"]).dataobj, dtype=np.float32)
+    wm = np.asarray(nib.load(names["wm"]).dataobj, dtype=np.float32)
+    scale = max(float(gm.max()), float(wm.max()), 1.0)
+    mask = ndimage.binary_closing((gm + wm) / scale > 0.2, iterations=3)
+    mask = ndimage.binary_fill_holes(mask)
+    data = np.asarray(t1.dataobj, dtype=np.float32) * mask
+    return Volume(Grid(t1.shape, t1.affine), data.astype(np.float32))

@@ -234,6 +234,14 @@ def test_label_tables_and_volumes_never_import_torch(graph):
     assert forbidden_external(graph, list(LABEL_TABLES), TORCH) == []
 
 
+#: the mean of affines and the template's grid and average: numpy/scipy only
+TEMPLATE_GEOMETRY = ("ugi_bids.engine.template.affine_mean", "ugi_bids.engine.template.space")
+
+
+def test_template_geometry_never_imports_torch(graph):
+    assert forbidden_external(graph, list(TEMPLATE_GEOMETRY), TORCH) == []
+
+
 def test_light_kernels_never_import_torch(graph):
     modules = ["ugi_bids.engine.kernels", *LIGHT_KERNELS]
     assert forbidden_external(graph, modules, TORCH) == []

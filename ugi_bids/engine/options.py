@@ -58,3 +58,17 @@ DEFAULT_INTERPOLATION = "linear"
 #: Multi-atlas label fusion: joint label fusion (Wang & Yushkevich 2013) or a majority vote.
 FUSION_METHODS = ("jlf", "majority")
 DEFAULT_FUSION = "jlf"
+
+#: Subject anatomical reference (fMRIPrep's ``--subject-anatomical-reference``): register every
+#: session on its own (``sessionwise``), or first build a deformable within-subject template of
+#: a participant's sessions with uniGradICON (``unbiased``; participants with 2+ sessions).
+ANATOMICAL_REFERENCES = ("sessionwise", "unbiased")
+DEFAULT_ANATOMICAL_REFERENCE = "sessionwise"
+
+#: Template building (subject templates and the group-level study template): shape-update
+#: iterations, the ANTs-style shape-update gradient step in (0, 1], and how the resampled
+#: inputs are averaged.
+TEMPLATE_AVERAGES = ("mean", "median")
+DEFAULT_TEMPLATE_AVERAGE = "mean"
+DEFAULT_TEMPLATE_ITERATIONS = 4
+DEFAULT_TEMPLATE_GRADIENT_STEP = 0.25

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .geometry import Grid
-from .transforms import WorldTransform
+from .transforms import TransformChain, WorldTransform
 from .warp import DEFAULT_CHUNK, iter_slabs, slab_points
 
 #: Default lower clip of the determinant in :func:`log_jacobian`.
@@ -26,7 +26,7 @@ def _det3(m: np.ndarray) -> np.ndarray:
             + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
 
 
-def jacobian_determinant(transform: WorldTransform, reference: Grid,
+def jacobian_determinant(transform: WorldTransform | TransformChain, reference: Grid,
                          max_points: int = DEFAULT_CHUNK) -> np.ndarray:
     """``det(dT(x)/dx)`` at every voxel centre of ``reference``: float32, ``reference.shape``.
 
@@ -36,9 +36,10 @@ def jacobian_determinant(transform: WorldTransform, reference: Grid,
     gives the derivative in world mm, ``dT/dx = dT/di @ M^-1``, whose determinant is
     ``det(dT/di) / det(M)``. Oblique and anisotropic grids are handled exactly. Work is done in
     slabs along the first axis (with one slice of overlap), so memory stays bounded.
+    A :class:`TransformChain` is differentiated numerically as a whole (never as an affine).
     """
     shape = tuple(reference.shape)
-    if transform.field is None:
+    if isinstance(transform, WorldTransform) and transform.field is None:
         return np.full(shape, np.linalg.det(transform.affine[:3, :3]), dtype=np.float32)
     if min(shape) < 2:
         raise ValueError(f"the reference grid needs 2 or more voxels along every axis: {shape}")

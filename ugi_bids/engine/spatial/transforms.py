@@ -8,6 +8,10 @@ direction ITK's ResampleImageFilter and ``antsApplyTransforms`` expect.
 ``T(x) = A (x + d(x))``: the displacement field ``d`` lives in the reference space and is applied
 first, then the affine ``A`` (reference world -> source world). On disk (ITK/ANTs composite HDF5)
 this is the transform queue ``[A, d]`` in LPS coordinates; ITK applies the back of the queue first.
+
+A :class:`TransformChain` (built by :func:`compose`) applies several pull maps in the listed
+order, the first one to the reference points: ``[a, b]`` is ``antsApplyTransforms -t a -t b``
+(see the class notes on ANTs' "reverse order").
 """
 
 from __future__ import annotations
@@ -72,3 +76,55 @@ class WorldTransform:
         if self.field is not None:
             points = points + self.field.displacement_at(points)
         return apply_affine(self.affine, points)
+
+
+@dataclass(frozen=True)
+class TransformChain:
+    """Pull maps applied one after another, in the listed order (world RAS mm).
+
+    ``map_points(x) = transforms[-1].map_points(... transforms[0].map_points(x))``: the *first*
+    transform maps the points of the reference (output) grid, each next one maps the previous
+    one's output, and the *last* gives points of the source image's space. For an atlas in MNI
+    space carried onto a session's raw grid: ``[from-T1w_to-orig, from-MNI_to-T1w]`` (the first
+    maps raw-session points to subject-template points, the second template points to MNI
+    points).
+
+    This is ``antsApplyTransforms``' order for points: our ``[a, b]`` is
+    ``antsApplyTransforms -t a -t b`` (antspyx: ``transformlist=[a, b]``), which samples the
+    source at ``b(a(x))``. ANTs' documentation says the ``-t`` list is "applied in reverse
+    order, the last first": that describes how the *image* moves (push), the mirror of how the
+    points are mapped (pull); ``tests/test_transform_chain.py`` pins the order with antspyx.
+
+    Attributes
+    ----------
+    transforms : tuple of WorldTransform or TransformChain
+        At least one; nested chains are allowed.
+    """
+
+    transforms: tuple[WorldTransform | TransformChain, ...]
+
+    def __post_init__(self):
+        transforms = tuple(self.transforms)
+        if not transforms:
+            raise ValueError("a transform chain needs at least one transform")
+        for transform in transforms:
+            if not isinstance(transform, (WorldTransform, TransformChain)):
+                raise TypeError(f"not a WorldTransform or TransformChain: {type(transform)!r}")
+        object.__setattr__(self, "transforms", transforms)
+
+    def map_points(self, points: np.ndarray) -> np.ndarray:
+        """Reference-space world points (..., 3) -> source-space world points (..., 3), RAS mm,
+        through every transform in the listed order."""
+        points = np.asarray(points, dtype=np.float64)
+        for transform in self.transforms:
+            points = transform.map_points(points)
+        return points
+
+
+def compose(*transforms: WorldTransform | TransformChain) -> WorldTransform | TransformChain:
+    """The pull maps ``transforms`` applied in the listed order (:class:`TransformChain`); one
+    transform is returned as it is. ``compose(a, b)`` maps ``x`` to ``b(a(x))``, like
+    ``antsApplyTransforms -t a -t b``."""
+    if len(transforms) == 1:
+        return transforms[0]
+    return TransformChain(transforms)

@@ -1,4 +1,5 @@
-"""Resampling images through a :class:`~ugi_bids.engine.spatial.transforms.WorldTransform`.
+"""Resampling images through a :class:`~ugi_bids.engine.spatial.transforms.WorldTransform`
+(or a :class:`~ugi_bids.engine.spatial.transforms.TransformChain` of them, in one step).
 
 The transform is a pull map: for every voxel centre ``x`` of the *reference* grid (world RAS mm)
 the *moving* image is sampled at ``T(x)`` (world RAS mm in the moving image's space). Sampling
@@ -29,7 +30,7 @@ import numpy as np
 from ..options import INTERPOLATIONS
 from .geometry import Grid
 from .sampling import affine_points, inside_itk, label_at, linear_at, nearest_at
-from .transforms import WorldTransform
+from .transforms import TransformChain, WorldTransform
 from .volume import Volume
 
 #: Default number of reference voxels processed at once (about 100-200 MB of temporaries).
@@ -59,7 +60,7 @@ def iter_slabs(grid: Grid, max_points: int = DEFAULT_CHUNK) -> Iterator[tuple[in
         yield start, min(ni, start + step)
 
 
-def displacement_on_grid(transform: WorldTransform, grid: Grid,
+def displacement_on_grid(transform: WorldTransform | TransformChain, grid: Grid,
                          max_points: int = DEFAULT_CHUNK) -> np.ndarray:
     """``T(x) - x`` (world RAS mm, float32) at every voxel centre ``x`` of ``grid``.
 
@@ -96,7 +97,7 @@ def sample_at_points(moving: Volume, points: np.ndarray, interpolation: str = "l
     return values
 
 
-def apply_transform(moving: Volume, transform: WorldTransform, reference: Grid,
+def apply_transform(moving: Volume, transform: WorldTransform | TransformChain, reference: Grid,
                     interpolation: str = "linear", fill: float = 0.0,
                     max_points: int = DEFAULT_CHUNK) -> Volume:
     """Resample ``moving`` onto ``reference`` through the pull map ``transform``.
@@ -105,9 +106,10 @@ def apply_transform(moving: Volume, transform: WorldTransform, reference: Grid,
     ----------
     moving : Volume
         The source image (any storage orientation; world RAS mm).
-    transform : WorldTransform
+    transform : WorldTransform or TransformChain
         Maps reference-space world points (RAS mm) to moving-space world points (RAS mm), the
-        ``mode-image`` direction ``antsApplyTransforms`` expects.
+        ``mode-image`` direction ``antsApplyTransforms`` expects. A chain is applied in its
+        listed order (first to the reference points) and the moving image is sampled once.
     reference : Grid
         Output lattice.
     interpolation : {"linear", "nearest", "label"}
