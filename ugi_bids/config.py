@@ -10,7 +10,9 @@ Keys are the :class:`Config` field names:
   in niworkflows' syntax ``SPACE[:cohort-X][:res-N]``; ``templates``: custom templates,
   ``NAME=PATH[,mask=PATH]``), every registration setting, and the labels (``atlases``:
   ``NAME[:desc-DESC]`` or ``NAME=PATH[,labels=TSV][,space=SPACE]``; ``atlas_libraries``:
-  ``NAME=DIR``; ``label_fusion``);
+  ``NAME=DIR``; ``label_fusion``), the anatomical reference (``subject_anatomical_reference``)
+  and template building (``template_iterations``, ``template_gradient_step``,
+  ``template_average``; ``build_template``: the group level's study template ``tpl-NAME``);
 * ``[nipype]``: ``nprocs``, ``omp_nthreads``, ``mem_gb``, ``plugin``, ``gpu_procs``, ``device``;
 * ``[environment]``: written for the record (versions, the device and weights the run
   resolved), ignored when read; ``run_uuid`` is kept by :meth:`Config.from_toml` and dropped by
@@ -18,9 +20,11 @@ Keys are the :class:`Config` field names:
 
 An absent key means the default. ``bids_filters`` and ``plugin`` are TOML tables, or a JSON
 string where they hold ``null`` (TOML has none). Reading checks what can be checked without
-the dataset (types, choices, ranges, label and space syntax; a custom template's files must
-exist): a bad value is one line, :class:`~ugi_bids.errors.UsageError` (exit 2). Nothing here
-imports ``argparse``; the checks against the dataset live in :mod:`ugi_bids.cli.parser`.
+the dataset (types, choices, ranges, label, space and template-name syntax; a custom
+template's files must exist), and :meth:`Config.from_settings` checks the settings together
+(an output space at least, ``build_template`` at the group level only): a bad value is one
+line, :class:`~ugi_bids.errors.UsageError` (exit 2). Nothing here imports ``argparse``; the
+checks against the dataset live in :mod:`ugi_bids.cli.parser`.
 """
 
 from __future__ import annotations
@@ -38,23 +42,29 @@ from pathlib import Path
 from typing import Any
 
 from .engine.options import (
+    ANATOMICAL_REFERENCES,
+    DEFAULT_ANATOMICAL_REFERENCE,
     DEFAULT_DEVICE,
+    DEFAULT_FUSION,
     DEFAULT_IO_CHECKPOINTING,
     DEFAULT_MODEL,
     DEFAULT_NETWORK_SIZE,
     DEFAULT_PREALIGN,
     DEFAULT_PRECISION,
-    DEFAULT_FUSION,
     DEFAULT_SIMILARITY,
+    DEFAULT_TEMPLATE_AVERAGE,
+    DEFAULT_TEMPLATE_GRADIENT_STEP,
+    DEFAULT_TEMPLATE_ITERATIONS,
     DEVICES,
     FUSION_METHODS,
-    IO_STEPS,
     IO_CHECKPOINTING,
+    IO_STEPS,
     MODELS,
     PREALIGN_MODES,
     PRECISIONS,
     SIMILARITIES,
     SLOPPY_NETWORK_SIZE,
+    TEMPLATE_AVERAGES,
 )
 from .errors import UgiError, UsageError, one_line
 
@@ -176,6 +186,12 @@ class Config:
     atlases: list[AtlasSpec] = field(default_factory=list)
     atlas_libraries: list[LibrarySpec] = field(default_factory=list)
     label_fusion: str = DEFAULT_FUSION
+    # anatomical reference and template building
+    subject_anatomical_reference: str = DEFAULT_ANATOMICAL_REFERENCE
+    template_iterations: int = DEFAULT_TEMPLATE_ITERATIONS
+    template_gradient_step: float = DEFAULT_TEMPLATE_GRADIENT_STEP
+    template_average: str = DEFAULT_TEMPLATE_AVERAGE
+    build_template: str | None = None  # group level: the study template OUTPUT_DIR/tpl-NAME/
     # registration
     model: str = DEFAULT_MODEL
     weights: Path | None = None
@@ -256,12 +272,15 @@ class Config:
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> Config:
         """A :class:`Config` from checked settings (:func:`read_settings`' form: field names,
-        with the TemplateFlow ``output_spaces`` and the custom ``templates`` apart)."""
+        with the TemplateFlow ``output_spaces`` and the custom ``templates`` apart), checked
+        together (:func:`combine_spaces`, :func:`check_build_template`)."""
         values = dict(settings)
         spaces, templates = values.pop("output_spaces", None), values.pop("templates", None)
         if spaces is not None or templates is not None:
             values["output_spaces"] = combine_spaces(spaces or [], templates or [])
-        return cls(**values)
+        config = cls(**values)
+        check_build_template(config)
+        return config
 
 
 def _plain(value):
@@ -288,8 +307,8 @@ def _holds_none(value) -> bool:
 
 @dataclass(frozen=True)
 class _Key:
-    kind: str  # path, str, int, gb, bool, labels, strings, filters, plugin, spaces, templates,
-    # atlases, libraries
+    kind: str  # path, str, int, gb, fraction, bool, labels, strings, filters, plugin, spaces,
+    # templates, atlases, libraries, name (a TemplateFlow template name)
     choices: tuple = ()
     minimum: int = 0
     prefix: str = ""
@@ -319,6 +338,9 @@ SECTIONS: dict[str, dict[str, _Key]] = {
         "io_checkpointing": _Key("str", tuple(IO_CHECKPOINTING)), "sloppy": _FLAG,
         "atlases": _Key("atlases"), "atlas_libraries": _Key("libraries"),
         "label_fusion": _Key("str", FUSION_METHODS),
+        "subject_anatomical_reference": _Key("str", ANATOMICAL_REFERENCES),
+        "template_iterations": _Key("int", minimum=1), "template_gradient_step": _Key("fraction"),
+        "template_average": _Key("str", TEMPLATE_AVERAGES), "build_template": _Key("name"),
     },
     "nipype": {
         "nprocs": _Key("int", minimum=1), "omp_nthreads": _Key("int", minimum=1),
@@ -390,6 +412,10 @@ def _convert(value: Any, key: _Key, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise fail("a number of GB above zero")
         return float(value)
+    if kind == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number in (0, 1]")
+        return _checked(fraction, value, None, where)
     if kind in ("filters", "plugin"):
         if isinstance(value, str):  # JSON text, for tables holding null
             try:
@@ -419,6 +445,8 @@ def _convert(value: Any, key: _Key, where: str) -> Any:
         raise fail("a non-empty string" if isinstance(value, str) else "a string")
     if kind == "path":
         return absolute(value)
+    if kind == "name":
+        return _checked(template_name, value, None, where)
     if key.choices and value not in key.choices:
         raise fail(f"one of {', '.join(key.choices)}")
     return value
@@ -426,7 +454,7 @@ def _convert(value: Any, key: _Key, where: str) -> Any:
 
 def _checked(function, value, prefix, where):
     try:
-        return function(value, prefix)
+        return function(value) if prefix is None else function(value, prefix)
     except ValueError as exc:
         raise UsageError(f"{where}: {exc}") from None
 
@@ -447,6 +475,48 @@ def bids_label(text: str, prefix: str = "") -> str:
     if not _LABEL.fullmatch(value):
         raise ValueError(f"invalid label {text!r}: BIDS labels are letters and digits only")
     return value
+
+
+def template_name(text: str) -> str:
+    """A name for a template ugi-bids builds (``--build-template``), written as ``tpl-NAME``:
+    TemplateFlow's rule, letters and digits only; ValueError otherwise."""
+    if not _LABEL.fullmatch(text):
+        hint = (f"; leave out the tpl- prefix ({text[4:]!r})" if text.startswith("tpl-")
+                and _LABEL.fullmatch(text[4:]) else "")
+        raise ValueError(f"invalid template name {text!r}: TemplateFlow template names are "
+                         f"letters and digits only (the template is written as tpl-NAME){hint}")
+    return text
+
+
+def fraction(value: float | str) -> float:
+    """``value`` as a float in (0, 1] (a shape-update step); ValueError otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0 < number <= 1:  # also refuses nan
+        raise ValueError(f"must be a number in (0, 1], got {value}")
+    return number
+
+
+def check_build_template(config: Config) -> None:
+    """``build_template`` is a group-level setting, and its name must not be that of a
+    TemplateFlow output space of the run (:class:`UsageError`). TemplateFlow's whole catalogue
+    is not looked up here: listing it takes seconds (:func:`ugi_bids.utils.templates.
+    templateflow_names`)."""
+    name = config.build_template
+    if name is None:
+        return
+    if config.analysis_level != "group":
+        raise UsageError(f"--build-template {name}: a study template is built at the group "
+                         f"level; run with the analysis level group (not "
+                         f"{config.analysis_level}), or leave --build-template (build_template "
+                         "in a --config-file) out")
+    clash = next((spec.name for spec in config.output_spaces
+                  if not spec.is_custom and spec.name.casefold() == name.casefold()), None)
+    if clash:
+        raise UsageError(f"--build-template {name}: the name is the TemplateFlow template "
+                         f"{clash} (an output space); give the study template another name")
 
 
 def check_bids_filters(filters: Any, where: str) -> dict:

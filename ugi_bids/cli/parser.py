@@ -12,7 +12,8 @@ follows the BIDS-App draft:
 * :class:`UsageError` (exit 2, argparse's own code, one of the draft's "2/64"): bad syntax, bad
   option values, unreadable JSON/YAML/TOML, unknown sections or keys in a ``--config-file``,
   ``OUTPUT_DIR``/``-w``/``--bids-database-dir`` inside ``BIDS_DIR``, ``--reports-only`` (not
-  implemented yet);
+  implemented yet), ``--build-template`` at the participant level or named after an output
+  space (checked with the other settings by :meth:`Config.from_settings`);
 * :class:`AnalysisLevelError` (exit 17): an analysis level other than ``participant``/``group``;
 * :class:`~ugi_bids.errors.MissingInputError` (exit 66): ``BIDS_DIR``, ``--config-file``,
   ``--bids-filter-file`` or ``--use-plugin`` missing;
@@ -58,13 +59,20 @@ from ..config import (
     bids_label,
     check_bids_filters,
     check_plugin,
+    fraction,
     parse_atlases,
     parse_libraries,
     parse_spaces,
     parse_templates,
     read_settings,
+    template_name,
 )
 from ..engine.options import (
+    ANATOMICAL_REFERENCES,
+    DEFAULT_ANATOMICAL_REFERENCE,
+    DEFAULT_TEMPLATE_AVERAGE,
+    DEFAULT_TEMPLATE_GRADIENT_STEP,
+    DEFAULT_TEMPLATE_ITERATIONS,
     DEVICES,
     FUSION_METHODS,
     IO_CHECKPOINTING,
@@ -72,6 +80,7 @@ from ..engine.options import (
     PREALIGN_MODES,
     PRECISIONS,
     SIMILARITIES,
+    TEMPLATE_AVERAGES,
 )
 from ..errors import (
     AnalysisLevelError,
@@ -100,7 +109,8 @@ exit codes (BIDS-App draft): 0 success, 1 failure, 2 usage error, 16 BIDS valida
 
 --config-file takes the TOML file every run writes (OUTPUT_DIR/sub-<label>/log/<run_uuid>/
 ugi-bids.toml), or one of your own with any of its keys: [execution] paths, selection and flags,
-[workflow] spaces, templates and registration, [nipype] resources, plugin and device; e.g.
+[workflow] spaces, templates, registration, labels and template building, [nipype] resources,
+plugin and device; e.g.
     [workflow]
     output_spaces = ["MNI152NLin2009cAsym", "MNI152NLin6Asym:res-2"]
     io_iterations = 10
@@ -126,16 +136,22 @@ class _Parser(argparse.ArgumentParser):
 # Value types (argparse ``type=`` callables): each raises ArgumentTypeError with a clear message.
 
 
-def _label(prefix: str) -> Callable[[str], str]:
-    """A BIDS label with an optional ``prefix`` (``sub-``/``ses-``) stripped."""
+def _checked(function: Callable[..., Any], *args: Any) -> Callable[[str], Any]:
+    """``function(text, *args)`` (a check of :mod:`ugi_bids.config`), its ValueError turned
+    into argparse's ArgumentTypeError."""
 
-    def label(text: str) -> str:
+    def checked(text: str) -> Any:
         try:
-            return bids_label(text, prefix)
+            return function(text, *args)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    return label
+    return checked
+
+
+def _label(prefix: str) -> Callable[[str], str]:
+    """A BIDS label with an optional ``prefix`` (``sub-``/``ses-``) stripped."""
+    return _checked(bids_label, prefix)
 
 
 def memory_gb(text: str) -> float:
@@ -279,6 +295,38 @@ def _add_workflow(parser: argparse.ArgumentParser) -> None:
                        help="a custom template given by path (study-specific, non-brain, "
                             "animal); becomes the output space NAME (space-NAME); repeatable; "
                             "NAME must differ from the --output-spaces names")
+    group.add_argument("--subject-anatomical-reference", dest="subject_anatomical_reference",
+                       choices=ANATOMICAL_REFERENCES,
+                       help="sessionwise registers every session on its own; unbiased builds, "
+                            "for each participant with 2 or more sessions, a deformable unbiased "
+                            "within-subject template with uniGradICON (unlike fMRIPrep's rigid "
+                            "mri_robust_template); a participant with one session gets the "
+                            "ordinary outputs "
+                            f"(default: {DEFAULT_ANATOMICAL_REFERENCE})")
+    group.add_argument("--longitudinal", dest="subject_anatomical_reference",
+                       action="store_const", const="unbiased",
+                       help="same as --subject-anatomical-reference unbiased (fMRIPrep's "
+                            "deprecated --longitudinal)")
+    group.add_argument("--template-iterations", dest="template_iterations", type=_integer(1),
+                       metavar="N",
+                       help="shape-update iterations when building a template (subject "
+                            "templates and --build-template; default: "
+                            f"{DEFAULT_TEMPLATE_ITERATIONS})")
+    group.add_argument("--template-gradient-step", dest="template_gradient_step",
+                       type=_checked(fraction), metavar="S",
+                       help="shape-update step in (0, 1] when building a template, as ANTs' "
+                            "antsMultivariateTemplateConstruction2.sh -g (default: "
+                            f"{DEFAULT_TEMPLATE_GRADIENT_STEP})")
+    group.add_argument("--template-average", dest="template_average",
+                       choices=TEMPLATE_AVERAGES,
+                       help="how the inputs resampled onto a template are averaged "
+                            f"(default: {DEFAULT_TEMPLATE_AVERAGE})")
+    group.add_argument("--build-template", dest="build_template", type=_checked(template_name),
+                       metavar="NAME",
+                       help="group level only: build a study template from one image per "
+                            "participant and write it in TemplateFlow layout under "
+                            "OUTPUT_DIR/tpl-NAME/; NAME is letters and digits only and not a "
+                            "TemplateFlow template name")
 
 
 def _add_registration(parser: argparse.ArgumentParser) -> None:

@@ -237,8 +237,18 @@ def run(config: Config) -> int:
     from ..workflows.base import init_ugi_wf
 
     if config.analysis_level == "group":
-        from ..utils.group import run_group
+        from ..utils.group import participants_with_results, run_group
 
+        if config.build_template:
+            from ..utils.study_template import build_study_template
+
+            resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
+            templates, _, _ = resolve_resources(config)
+            build_study_template(config, select_inputs(config),
+                                 templates[config.anat_suffixes[0]][0])
+            if not participants_with_results(config.output_dir, config.participant_label):
+                LOGGER.info("no participant-level results: no group tables")
+                return 0
         return run_group(config)
     requested = copy.copy(config)  # the settings as asked: the run's ugi-bids.toml
     device = resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
@@ -249,7 +259,10 @@ def run(config: Config) -> int:
 
     config.work_dir.mkdir(parents=True, exist_ok=True)
     nipype_config.update_config({
+        # poll_sleep_duration: nipype waits this long between scheduling rounds (default 2 s),
+        # and a chain of cached nodes takes one round each: 0.1 s makes a rerun quick
         "execution": {"crashfile_format": "txt", "stop_on_first_crash": config.stop_on_first_crash,
+                      "poll_sleep_duration": 0.1,
                       "remove_unnecessary_outputs": False, "create_report": False,
                       "crashdump_dir": str(config.output_dir / "log" / config.run_uuid)},
         "monitoring": {"enabled": config.resource_monitor},

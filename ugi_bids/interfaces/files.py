@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +24,7 @@ from ..engine.formats.staging import staged_outputs
 from ..engine.options import (DEFAULT_DEVICE, DEFAULT_IO_CHECKPOINTING, DEFAULT_MODEL,
                               DEFAULT_NETWORK_SIZE, DEFAULT_PRECISION, DEFAULT_SIMILARITY, IO_LEARNING_RATE, IO_STEPS)
 from ..engine.preprocess import binarise_mask, preprocess
-from ..engine.spatial.transforms import WorldTransform
+from ..engine.spatial.transforms import TransformChain, WorldTransform, compose
 from ..engine.spatial.volume import Volume, load_volume
 
 LOGGER = logging.getLogger(__name__)
@@ -132,17 +133,36 @@ def register_images(fixed_file: str, moving_file: str, prealign_file: str, *,
     return provenance
 
 
-def resample_image(moving_file: str, transform_file: str, reference_file: str, out_file: str,
-                   interpolation: str = "linear") -> str:
-    """Resample ``moving_file`` onto ``reference_file``'s grid through a mode-image transform
-    (maps reference points to moving points). Linear output is float32; nearest/label keep the
-    input's data type."""
+def read_transforms(transform_files: str | os.PathLike | Sequence[str | os.PathLike]
+                    ) -> WorldTransform | TransformChain:
+    """Read one transform file, or a list of them, as one pull map.
+
+    A list is applied in the listed order (:func:`~ugi_bids.engine.spatial.transforms.compose`):
+    the first file maps the reference (output) grid's points, the last gives points of the image
+    to resample, like ``antsApplyTransforms -t a -t b`` for ``[a, b]``. Each file is read with
+    :func:`~ugi_bids.engine.formats.itk.read_composite_h5`.
+    """
     from ..engine.formats.itk import read_composite_h5
+
+    if isinstance(transform_files, (str, os.PathLike)):
+        transform_files = [transform_files]
+    transform_files = list(transform_files)
+    if not transform_files:
+        raise ValueError("no transform file given")
+    return compose(*(read_composite_h5(path) for path in transform_files))
+
+
+def resample_image(moving_file: str, transform_file: str | list[str], reference_file: str,
+                   out_file: str, interpolation: str = "linear") -> str:
+    """Resample ``moving_file`` onto ``reference_file``'s grid through a mode-image transform
+    (maps reference points to moving points), or a list of them applied in the listed order
+    (:func:`read_transforms`: the first maps reference points), in one resampling step. Linear
+    output is float32; nearest/label keep the input's data type."""
     from ..engine.spatial.warp import apply_transform
 
     moving = load_volume(moving_file, "image to resample")
     reference = load_volume(reference_file, "reference image")
-    warped = apply_transform(moving, read_composite_h5(transform_file), reference.grid,
+    warped = apply_transform(moving, read_transforms(transform_file), reference.grid,
                              interpolation)
     dtype = np.float32 if interpolation == "linear" else nib.load(moving_file).get_data_dtype()
     return _save(warped, out_file, dtype)
@@ -192,19 +212,21 @@ def _save_labels(volume: Volume, path: str) -> str:
     return _save(Volume(volume.grid, data), path, label_dtype(data))
 
 
-def propagate_labels(labels_file: str, transform_file: str, reference_file: str,
+def propagate_labels(labels_file: str, transform_file: str | list[str], reference_file: str,
                      out_file: str) -> str:
     """Carry a label map onto ``reference_file``'s grid through a mode-image transform (maps
-    reference points to label-map points, e.g. ``from-<space>_to-T1w``) with ANTs'
-    ``GenericLabel`` semantics (:func:`ugi_bids.engine.spatial.warp.apply_transform`,
-    ``"label"``); written as the smallest integer type that holds the labels."""
-    from ..engine.formats.itk import read_composite_h5
+    reference points to label-map points, e.g. ``from-<space>_to-T1w``), or a list of them
+    applied in the listed order (:func:`read_transforms`: the first maps reference points, e.g.
+    ``[from-T1w_to-orig, from-MNI_to-T1w]`` for an MNI atlas on a raw grid), in one resampling
+    step with ANTs' ``GenericLabel`` semantics
+    (:func:`ugi_bids.engine.spatial.warp.apply_transform`, ``"label"``); written as the smallest
+    integer type that holds the labels."""
     from ..engine.spatial.warp import apply_transform
 
     labels = load_volume(labels_file, "label map")
     reference = load_volume(reference_file, "reference image")
     warped = apply_transform(Volume(labels.grid, np.rint(labels.data).astype(np.int32)),
-                             read_composite_h5(transform_file), reference.grid, "label")
+                             read_transforms(transform_file), reference.grid, "label")
     return _save_labels(warped, out_file)
 
 
@@ -335,3 +357,74 @@ def similarity_after(fixed_file: str, warped_file: str, mask_file: str | None = 
               for v in (fixed, warped)]
     loss = ncc_loss(values[0], values[1], torch.ones_like(values[0]))
     return round(float(1.0 - loss), 6)
+
+
+# --------------------------------------------------------------------------------------------
+# Templates: sessions of a subject, or a cohort
+
+
+def build_template_files(in_files: list[str], out_dir: str, *, modality: str = "mri",
+                         iterations: int, gradient_step: float, average: str,
+                         voxel_size: float | None = None, cache_dir: str | None = None,
+                         model: str = DEFAULT_MODEL, weights: str | None = None,
+                         device: str = DEFAULT_DEVICE, precision: str = DEFAULT_PRECISION,
+                         io_checkpointing: str = DEFAULT_IO_CHECKPOINTING,
+                         network_size: int = DEFAULT_NETWORK_SIZE, prealign: str = "affine",
+                         io_iterations: int = 0, final_io_iterations: int | None = None,
+                         io_similarity: str = DEFAULT_SIMILARITY,
+                         num_threads: int | None = None) -> dict:
+    """Build the template of ``in_files`` (:func:`~ugi_bids.engine.template.build.build_template`)
+    and write it into ``out_dir``, all or nothing: ``template.nii.gz`` (normalised intensities,
+    float32), ``input-<i>_forward.h5`` (maps template points to input ``i``'s points: resamples
+    the input onto the template) and ``input-<i>_inverse.h5`` (the opposite direction).
+
+    Returns ``{"template", "forward_xfms", "inverse_xfms", "provenance"}``; the provenance has
+    the model and weights, the settings and the convergence history (one entry per round).
+    """
+    import torch
+
+    from ..engine.formats.itk import write_composite_h5
+    from ..engine.template.build import build_template
+
+    started = time.perf_counter()
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    registrar = cached_registrar(model, weights, device, int(network_size), precision,
+                                 io_checkpointing)
+    result = build_template(in_files, registrar, iterations=iterations,
+                            gradient_step=gradient_step, average=average, modality=modality,
+                            prealign=prealign, io_iterations=io_iterations,
+                            final_io_iterations=final_io_iterations,
+                            io_similarity=io_similarity, voxel_size=voxel_size,
+                            cache_dir=cache_dir)
+    out = Path(out_dir)
+    paths = {"template": str(out / "template.nii.gz"),
+             "forward_xfms": [str(out / f"input-{i:04d}_forward.h5") for i in range(len(in_files))],
+             "inverse_xfms": [str(out / f"input-{i:04d}_inverse.h5") for i in range(len(in_files))]}
+    with staged_outputs(out) as staged:
+        nib.save(result.template.to_nifti(), staged.stage(paths["template"]))
+        for transform, path in zip(result.forward, paths["forward_xfms"]):
+            write_composite_h5(transform, staged.stage(path))
+        for transform, path in zip(result.inverse, paths["inverse_xfms"]):
+            write_composite_h5(transform, staged.stage(path))
+    paths["provenance"] = {
+        "Model": registrar.weights.model,
+        "WeightsSHA256": registrar.weights.sha256,
+        "WeightsURL": registrar.weights.url,
+        "NetworkGrid": int(network_size),
+        "Device": str(registrar.device),
+        "Precision": registrar.precision,
+        "PrealignMode": prealign,
+        "TemplateIOIterations": int(io_iterations),
+        "IOIterations": int(result.settings["final_io_iterations"]),
+        "IOSimilarity": io_similarity,
+        "TemplateIterations": int(iterations),
+        "TemplateGradientStep": float(gradient_step),
+        "TemplateAverage": average,
+        "TemplateVoxelSize": result.settings.get("voxel_size_mm"),
+        "ShapeUpdateCompositions": result.settings.get("shape_update_compositions"),
+        "Convergence": [{key: (round(value, 4) if isinstance(value, float) else value)
+                         for key, value in entry.items()} for entry in result.history],
+        "TemplateSeconds": round(time.perf_counter() - started, 3),
+    }
+    return paths

@@ -24,9 +24,12 @@ from .registration import _choice
 
 class _PropagateInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="label map (or mask) in a template space")
-    transform = File(exists=True, mandatory=True,
-                     desc="mode-image transform from the template space to the subject "
-                          "(maps subject points to template points)")
+    transform = InputMultiObject(
+        File(exists=True), mandatory=True,
+        desc="mode-image transform from the template space to the subject (maps subject points "
+             "to template points), or a list applied in the listed order: the first maps the "
+             "reference grid's points, the last gives points of in_file's space (e.g. "
+             "[from-T1w_to-orig, from-MNI_to-T1w]); [A, B] is antsApplyTransforms -t A -t B")
     reference = File(exists=True, mandatory=True, desc="the subject image: the output grid")
 
 

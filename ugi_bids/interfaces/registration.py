@@ -12,6 +12,7 @@ import os
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
@@ -136,7 +137,11 @@ class UniGradICON(SimpleInterface):
 
 class _ApplyInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image to resample")
-    transform = File(exists=True, mandatory=True, desc="mode-image transform (.h5)")
+    transform = InputMultiObject(
+        File(exists=True), mandatory=True,
+        desc="mode-image transform (.h5; maps reference points to in_file points), or a list "
+             "applied in the listed order: the first maps the reference grid's points, the last "
+             "gives points of in_file's space; [A, B] is antsApplyTransforms -t A -t B")
     reference = File(exists=True, mandatory=True, desc="image defining the output grid")
     interpolation = _choice(options.DEFAULT_INTERPOLATION, options.INTERPOLATIONS)
 

@@ -4,7 +4,9 @@ It reads what the participant level left in ``OUTPUT_DIR`` (file names, JSON sid
 tables and the runs' ``ugi-bids.toml``; never an image) and writes, at the output root:
 
 * ``group_registrations.tsv`` (+ ``.json``): one row per registration, i.e. per forward
-  transform sidecar ``sub-X[_ses-Y]_from-<suffix>_to-<space>_mode-image_xfm.json``;
+  transform sidecar ``sub-X[_ses-Y]_from-<suffix>_to-<space>_mode-image_xfm.json`` (with
+  ``--longitudinal``: the subject template's ``sub-X_from-<suffix>_to-<space>`` and each
+  session's ``from-orig_to-<suffix>``, whose space is the subject template, ``<suffix>``);
 * ``group_atlas-<A>[_desc-<D>]_volumes.tsv`` (+ ``.json``) for every atlas found (a root lookup
   table ``atlas-<A>[_desc-<D>]_dseg.tsv`` or a participant's ``*_volumes.tsv``): one row per
   participant and session that has the atlas' volumes, one column per label of the lookup
@@ -224,6 +226,9 @@ def collect_results(config: Config, with_results: list[str]
         run = latest_run_settings(out, label, config)
         expected = bids_units(bids, label, run.suffixes, config.session_label)
         run_atlases = sorted(set(atlases) | set(run.atlases))
+        template_suffix = longitudinal_suffix(run, expected)
+        if template_suffix:  # the subject template: registered to the spaces, labelled
+            expected[Unit(label)] = [template_suffix]
         own: list[Issue] = []
         for unit in sorted(set(expected) | set(found[label])):
             results = found[label].get(unit, UnitResults())
@@ -231,7 +236,8 @@ def collect_results(config: Config, with_results: list[str]
             # the labels land on the grid of the run's first suffix: no image, no labels
             unit_atlases = run_atlases if run.suffixes and run.suffixes[0] in unit_suffixes \
                 else []
-            gaps = missing_outputs(results, unit_suffixes, run.spaces, unit_atlases) + \
+            gaps = missing_outputs(results, unit_suffixes, run.spaces, unit_atlases,
+                                   template_suffix if unit.session else None) + \
                 results.problems
             if not results.names:
                 own.append(Issue(unit, "missing", _with_crash("no participant-level results",
@@ -253,16 +259,21 @@ def _with_crash(reason: str, crash: str | None) -> str:
 
 
 def missing_outputs(results: UnitResults, suffixes: Sequence[str], spaces: Sequence[str],
-                    atlases: Sequence[str]) -> list[str]:
+                    atlases: Sequence[str], through_template: str | None = None) -> list[str]:
     """What one session lacks of the expected registrations (both directions, ``.h5`` and
-    ``.json``) and atlas volumes (``.tsv`` and ``.json``), as message fragments."""
+    ``.json``) and atlas volumes (``.tsv`` and ``.json``), as message fragments.
+
+    ``through_template``: the suffix whose image went into the subject template
+    (``--longitudinal``): it is expected registered to the template (``from-orig_to-<suffix>``
+    and back) instead of to the spaces."""
     gaps = []
     for suffix in suffixes:
-        for space in spaces:
-            for source, target in ((suffix, space), (space, suffix)):
-                stem = f"from-{source}_to-{target}_mode-image_xfm"
-                if not {f"{stem}.h5", f"{stem}.json"} <= results.names:
-                    gaps.append(f"no from-{source}_to-{target} transform")
+        pairs = ([("orig", suffix), (suffix, "orig")] if suffix == through_template else
+                 [pair for space in spaces for pair in ((suffix, space), (space, suffix))])
+        for source, target in pairs:
+            stem = f"from-{source}_to-{target}_mode-image_xfm"
+            if not {f"{stem}.h5", f"{stem}.json"} <= results.names:
+                gaps.append(f"no from-{source}_to-{target} transform")
     for atlas in atlases:
         if not {f"{atlas}_volumes.tsv", f"{atlas}_volumes.json"} <= results.names:
             gaps.append(f"no {atlas} volumes")
@@ -315,14 +326,27 @@ def read_unit(files: dict[str, Path]) -> UnitResults:
     results = UnitResults(names=set(files))
     for name, path in sorted(files.items()):
         transform, volumes = _TRANSFORM.fullmatch(name), _VOLUMES.fullmatch(name)
-        if transform and transform["ext"] == "json" and transform["source"] in SUFFIX_MODALITY:
+        key = _registration_key(transform) if transform and transform["ext"] == "json" else None
+        if key:
             sidecar = _read_json(path)
             if sidecar is None:
                 results.problems.append(f"unreadable {path.name}")
-            results.sidecars[transform["source"], transform["target"]] = sidecar or {}
+            results.sidecars[key] = sidecar or {}
         elif volumes and volumes["ext"] == "tsv":
             _read_volumes(path, volumes["atlas"], results)
     return results
+
+
+def _registration_key(transform: re.Match) -> tuple[str, str] | None:
+    """(suffix, space) of a forward transform's name, or None for an inverse: ``from-<suffix>_to-<space>``,
+    and ``from-orig_to-<suffix>`` (a session registered to its subject template, whose space
+    is ``<suffix>`` as in ``space-T1w``)."""
+    source, target = transform["source"], transform["target"]
+    if source == "orig" and target in SUFFIX_MODALITY:
+        return target, target
+    if source in SUFFIX_MODALITY and target != "orig":
+        return source, target
+    return None
 
 
 def _read_volumes(path: Path, atlas: str, results: UnitResults) -> None:
@@ -340,12 +364,24 @@ def _read_volumes(path: Path, atlas: str, results: UnitResults) -> None:
 
 
 class RunSettings(NamedTuple):
-    """What a participant-level run was asked for: anatomical suffixes, space labels (``to-``)
-    and atlas labels (``atlas-<A>[_desc-<D>]``, atlases and atlas libraries)."""
+    """What a participant-level run was asked for: anatomical suffixes, space labels (``to-``),
+    atlas labels (``atlas-<A>[_desc-<D>]``, atlases and atlas libraries) and whether sessions
+    went through a subject template (``--subject-anatomical-reference unbiased``)."""
 
     suffixes: list[str]
     spaces: list[str]
     atlases: list[str]
+    longitudinal: bool = False
+
+
+def longitudinal_suffix(run: RunSettings, expected: dict) -> str | None:
+    """The suffix of the participant's subject template, or None: the run asked for one and
+    two or more sessions have an image of its first suffix (the participant level's rule)."""
+    if not run.longitudinal or not run.suffixes:
+        return None
+    with_image = [unit for unit, suffixes in expected.items()
+                  if unit.session and run.suffixes[0] in suffixes]
+    return run.suffixes[0] if len(with_image) >= 2 else None
 
 
 def latest_run_settings(out: Path, label: str, config: Config) -> RunSettings:
@@ -360,7 +396,8 @@ def latest_run_settings(out: Path, label: str, config: Config) -> RunSettings:
                            "atlases", path / SETTINGS_FILE)
             break
     return RunSettings(list(config.anat_suffixes), [s.label for s in config.output_spaces],
-                       [a.label for a in (*config.atlases, *config.atlas_libraries)])
+                       [a.label for a in (*config.atlases, *config.atlas_libraries)],
+                       config.subject_anatomical_reference == "unbiased")
 
 
 def run_settings(path: Path) -> RunSettings | None:
@@ -392,7 +429,8 @@ def run_settings(path: Path) -> RunSettings | None:
     if "output_spaces" not in settings and "templates" not in settings:
         spaces = [spec.label for spec in _default("output_spaces")]
     return RunSettings(list(settings.get("anat_suffixes", _default("anat_suffixes"))),
-                       spaces, atlases)
+                       spaces, atlases,
+                       settings.get("subject_anatomical_reference") == "unbiased")
 
 
 def _atlas_label(text: str) -> str:

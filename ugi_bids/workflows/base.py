@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from copy import deepcopy
+from dataclasses import dataclass
 
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
@@ -81,6 +82,12 @@ def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
         See :func:`init_ugi_wf`; labels land on the first ``--anat-suffixes`` image of each
         session, through its registration to the atlas's space.
 
+    With ``--subject-anatomical-reference unbiased`` (``--longitudinal``) and two or more
+    sessions with an image of the first ``--anat-suffixes`` entry, those images build a
+    subject template (:func:`~ugi_bids.workflows.longitudinal.init_subject_template_wf`), which
+    alone is registered to the output spaces; labels reach the template and each session
+    through the composed transforms. Other suffixes are registered session by session.
+
     Inputs
     ------
     None: every input is a file known when the workflow is built.
@@ -92,49 +99,203 @@ def init_single_subject_wf(*, subject_id: str, sessions: dict, templates: dict,
     from ..utils.bids import REFERENCE_RULE, bids_uri
 
     workflow = Workflow(name=name or f"sub_{subject_id}_wf")
-    # the same text for every participant, so that the collected boilerplate says it once
+    longitudinal = longitudinal_sessions(subject_id, sessions, config)
+    through_template = (
+        f" For participants with two or more sessions, the {config.anat_suffixes[0]} images "
+        "were registered to the output spaces through their subject template (see "
+        "*Longitudinal processing*)." if longitudinal else "")
+    # the same text for every participant of a kind, so that the collected boilerplate says
+    # it once
     workflow.__desc__ = f"""
 #### Anatomical registration
 Every session's anatomical images ({', '.join(config.anat_suffixes)}) were registered to each
-output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERENCE_RULE}
+output space ({', '.join(spec.label for spec in config.output_spaces)}). {REFERENCE_RULE}{through_template}
 """
     registrations = {}
     for session, suffixes in sessions.items():
         for suffix, image in suffixes.items():
+            if longitudinal and suffix == config.anat_suffixes[0]:
+                continue  # registered to the spaces through the subject template
             for template in templates[suffix]:
                 tag = "_".join(t for t in (f"ses{_safe(session)}" if session else "", suffix,
                                            _safe(template.spec.label)) if t)
-                reg_wf = init_register_to_template_wf(
-                    template_label=template.spec.label, modality=SUFFIX_MODALITY[suffix],
-                    model=config.model, weights=config.weights, device=config.device,
-                    precision=config.precision, io_checkpointing=config.io_checkpointing,
-                    prealign=config.prealign, network_size=config.network_size,
-                    io_iterations=config.io_iterations, io_similarity=config.io_similarity,
-                    omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
-                    template_has_mask=template.mask is not None, name=f"register_{tag}_wf")
-                reg_wf.inputs.inputnode.moving_image = str(image)
-                reg_wf.inputs.inputnode.template_image = str(template.image)
-                if template.mask is not None:
-                    reg_wf.inputs.inputnode.template_mask = str(template.mask)
-                ds_wf = init_registration_derivatives_wf(
-                    output_dir=str(config.output_dir), source_file=str(image), suffix=suffix,
-                    space=template.spec.label, resolution=template.spec.resolution,
-                    sources=[bids_uri(image, config.bids_dir), template.uri],
-                    settings={"PrealignMode": config.prealign, "Sloppy": config.sloppy},
-                    name=f"ds_{tag}_wf")
-                registrations[session, suffix, template.spec.label] = reg_wf
-                workflow.connect([(reg_wf, ds_wf, [
-                    ("outputnode.forward_xfm", "inputnode.forward_xfm"),
-                    ("outputnode.inverse_xfm", "inputnode.inverse_xfm"),
-                    ("outputnode.anat_in_template", "inputnode.anat_in_template"),
-                    ("outputnode.log_jacobian", "inputnode.log_jacobian"),
-                    ("outputnode.provenance", "inputnode.provenance"),
-                ])])
+                registrations[session, suffix, template.spec.label] = _register_to_space(
+                    workflow, config, template, tag=tag, modality=SUFFIX_MODALITY[suffix],
+                    suffix=suffix, moving=str(image), source_file=str(image),
+                    source_uri=bids_uri(image, config.bids_dir), use_gpu=use_gpu)
+    targets = _label_targets(subject_id, sessions, config, registrations)
+    if longitudinal:
+        targets = _add_longitudinal(workflow, subject_id=subject_id, sessions=sessions,
+                                    longitudinal=longitudinal, templates=templates,
+                                    config=config, use_gpu=use_gpu, targets=targets)
     if atlases or libraries:
-        _add_labels(workflow, subject_id=subject_id, sessions=sessions, templates=templates,
-                    config=config, registrations=registrations, atlases=atlases or [],
-                    libraries=libraries or [], use_gpu=use_gpu)
+        _add_labels(workflow, subject_id=subject_id, targets=targets, templates=templates,
+                    config=config, atlases=atlases or [], libraries=libraries or [],
+                    use_gpu=use_gpu)
     return workflow
+
+
+def _register_to_space(workflow: Workflow, config: Config, template, *, tag: str,
+                       modality: str, suffix: str, moving, source_file: str, source_uri: str,
+                       use_gpu: bool) -> Workflow:
+    """Register one image (a path, or a ``(node, output)`` pair) to one output space and sink
+    the results named after ``source_file``; returns the registration workflow."""
+    reg_wf = init_register_to_template_wf(
+        template_label=template.spec.label, modality=modality, model=config.model,
+        weights=config.weights, device=config.device, precision=config.precision,
+        io_checkpointing=config.io_checkpointing, prealign=config.prealign,
+        network_size=config.network_size, io_iterations=config.io_iterations,
+        io_similarity=config.io_similarity,
+        omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
+        template_has_mask=template.mask is not None, name=f"register_{tag}_wf")
+    if isinstance(moving, tuple):
+        workflow.connect(moving[0], moving[1], reg_wf, "inputnode.moving_image")
+    else:
+        reg_wf.inputs.inputnode.moving_image = moving
+    reg_wf.inputs.inputnode.template_image = str(template.image)
+    if template.mask is not None:
+        reg_wf.inputs.inputnode.template_mask = str(template.mask)
+    ds_wf = init_registration_derivatives_wf(
+        output_dir=str(config.output_dir), source_file=source_file, suffix=suffix,
+        space=template.spec.label, resolution=template.spec.resolution,
+        sources=[source_uri, template.uri],
+        settings={"PrealignMode": config.prealign, "Sloppy": config.sloppy},
+        name=f"ds_{tag}_wf")
+    workflow.connect([(reg_wf, ds_wf, [
+        ("outputnode.forward_xfm", "inputnode.forward_xfm"),
+        ("outputnode.inverse_xfm", "inputnode.inverse_xfm"),
+        ("outputnode.anat_in_template", "inputnode.anat_in_template"),
+        ("outputnode.log_jacobian", "inputnode.log_jacobian"),
+        ("outputnode.provenance", "inputnode.provenance"),
+    ])])
+    return reg_wf
+
+
+def longitudinal_sessions(subject_id: str, sessions: dict, config: Config) -> list:
+    """The sessions that build the subject template (``--subject-anatomical-reference
+    unbiased``): those with an image of the first ``--anat-suffixes`` entry, when there are two
+    or more; otherwise none (a log line says why)."""
+    import logging
+
+    if config.subject_anatomical_reference != "unbiased":
+        return []
+    suffix = config.anat_suffixes[0]
+    with_image = [session for session, suffixes in sessions.items()
+                  if session is not None and suffix in suffixes]
+    if len(with_image) < 2:
+        logging.getLogger("ugi_bids").info(
+            "sub-%s: %s %s session%s, so no subject template: the ordinary cross-sectional "
+            "outputs are written", subject_id, "only one" if with_image else "no", suffix,
+            "" if with_image else "s")
+        return []
+    return with_image
+
+
+@dataclass
+class LabelTarget:
+    """An image that atlas labels land on: a session's raw image or the subject template.
+
+    ``reference`` is a path, or a ``(node, output)`` pair of the workflow that produces it;
+    ``chain(space)`` lists ``(node, output, uri)`` of the transforms that carry ``space`` onto
+    it, in the listed order (the first maps the target's points; a list as
+    :func:`ugi_bids.interfaces.files.read_transforms` takes it)."""
+
+    tag: str
+    session: str | None
+    source_file: str
+    reference: object
+    uri: str
+    chain: object
+
+
+def _label_targets(subject_id: str, sessions: dict, config: Config,
+                   registrations: dict) -> list:
+    """The sessions registered on their own (cross-sectional) that have an image of the first
+    ``--anat-suffixes`` entry."""
+    from ..utils.bids import bids_uri
+    from .outputs import derivative_uri
+
+    suffix = config.anat_suffixes[0]
+    targets = []
+    for session, suffixes in sessions.items():
+        if suffix not in suffixes or not any(key[:2] == (session, suffix)
+                                             for key in registrations):
+            continue
+        image = str(suffixes[suffix])
+
+        def chain(space, session=session):
+            return [(registrations[session, suffix, space], "outputnode.inverse_xfm",
+                     derivative_uri(subject=subject_id, session=session, suffix="xfm",
+                                    extension=".h5", mode="image",
+                                    **{"from": space, "to": suffix}))]
+
+        targets.append(LabelTarget(
+            tag="_".join(t for t in (f"ses{_safe(session)}" if session else "", suffix) if t),
+            session=session, source_file=image, reference=image,
+            uri=bids_uri(image, config.bids_dir), chain=chain))
+    return targets
+
+
+def _add_longitudinal(workflow: Workflow, *, subject_id: str, sessions: dict,
+                      longitudinal: list, templates: dict, config: Config, use_gpu: bool,
+                      targets: list) -> list:
+    """The subject template of the first ``--anat-suffixes`` entry, its registration to every
+    output space, and the label targets it adds (the template and each of its sessions)."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from ..utils.bids import bids_uri
+    from .longitudinal import init_subject_template_wf, template_source_file
+    from .outputs import derivative_uri
+
+    suffix = config.anat_suffixes[0]
+    images = [str(sessions[session][suffix]) for session in longitudinal]
+    template_wf = init_subject_template_wf(
+        subject_id=subject_id, sessions=list(longitudinal), images=images, suffix=suffix,
+        output_dir=str(config.output_dir), bids_dir=str(config.bids_dir),
+        sources=[bids_uri(image, config.bids_dir) for image in images],
+        modality=SUFFIX_MODALITY[suffix], iterations=config.template_iterations,
+        gradient_step=config.template_gradient_step, average=config.template_average,
+        cache_dir=str(config.work_dir / "template_cache" / f"sub-{_safe(subject_id)}"),
+        model=config.model, weights=config.weights, device=config.device,
+        precision=config.precision, io_checkpointing=config.io_checkpointing,
+        prealign=config.prealign, network_size=config.network_size,
+        io_iterations=config.io_iterations, io_similarity=config.io_similarity,
+        omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
+        name=f"sub_{_safe(subject_id)}_template_wf")
+    template_file = template_source_file(config.bids_dir, subject_id, suffix)
+    template_uri = derivative_uri(subject=subject_id, desc="preproc", suffix=suffix,
+                                  extension=".nii.gz")
+    to_space = {}
+    for template in templates[suffix]:
+        to_space[template.spec.label] = _register_to_space(
+            workflow, config, template, tag=f"template_{suffix}_{_safe(template.spec.label)}",
+            modality="mri", suffix=suffix, moving=(template_wf, "outputnode.template"),
+            source_file=template_file, source_uri=template_uri, use_gpu=use_gpu)
+
+    def template_chain(space):
+        return [(to_space[space], "outputnode.inverse_xfm",
+                 derivative_uri(subject=subject_id, suffix="xfm", extension=".h5",
+                                mode="image", **{"from": space, "to": suffix}))]
+
+    targets = list(targets) + [LabelTarget(
+        tag=f"template_{suffix}", session=None, source_file=template_file,
+        reference=(template_wf, "outputnode.template"), uri=template_uri, chain=template_chain)]
+    for index, session in enumerate(longitudinal):
+        pick = pe.Node(niu.Select(index=index), name=f"template_inverse_ses{_safe(session)}",
+                       run_without_submitting=True)
+        workflow.connect(template_wf, "outputnode.inverse_xfms", pick, "inlist")
+
+        def session_chain(space, session=session, pick=pick):
+            return [(pick, "out", derivative_uri(
+                subject=subject_id, session=session, suffix="xfm", extension=".h5",
+                mode="image", **{"from": suffix, "to": "orig"}))] + template_chain(space)
+
+        targets.append(LabelTarget(
+            tag=f"ses{_safe(session)}_{suffix}", session=session, source_file=images[index],
+            reference=images[index], uri=bids_uri(images[index], config.bids_dir),
+            chain=session_chain))
+    return targets
 
 
 def atlas_table_path(output_dir, label: str):
@@ -144,56 +305,75 @@ def atlas_table_path(output_dir, label: str):
     return Path(output_dir) / f"{label}_dseg.tsv"
 
 
-def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, templates: dict,
-                config: Config, registrations: dict, atlases: list, libraries: list,
-                use_gpu: bool) -> None:
-    """Atlas propagation and label fusion for every session that has an image of the first
-    ``--anat-suffixes`` entry (the labels land on its grid)."""
+def _connect_reference(workflow: Workflow, target: LabelTarget, node, field: str) -> None:
+    """Give ``node.field`` the target's image: a path, or the output that produces it."""
+    if isinstance(target.reference, tuple):
+        workflow.connect(target.reference[0], target.reference[1], node, field)
+    elif "." in field:  # a sub-workflow's input node
+        inner, name = field.split(".")
+        setattr(getattr(node.inputs, inner), name, target.reference)
+    else:
+        node.set_input(field, target.reference)
+
+
+def _connect_chain(workflow: Workflow, chain: list, node, field: str, name: str) -> None:
+    """Feed ``node.field`` the transforms of ``chain`` as one list, in order (a Merge node
+    when there are several)."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    if len(chain) == 1:
+        workflow.connect(chain[0][0], chain[0][1], node, field)
+        return
+    merge = workflow.get_node(name)
+    if merge is None:
+        merge = pe.Node(niu.Merge(len(chain)), name=name, run_without_submitting=True)
+        for index, (source, output, _) in enumerate(chain, start=1):
+            workflow.connect(source, output, merge, f"in{index}")
+    workflow.connect(merge, "out", node, field)
+
+
+def _add_labels(workflow: Workflow, *, subject_id: str, targets: list, templates: dict,
+                config: Config, atlases: list, libraries: list, use_gpu: bool) -> None:
+    """Atlas propagation and label fusion for every label target (:class:`LabelTarget`): the
+    sessions' images of the first ``--anat-suffixes`` entry (the labels land on their grids)
+    and, with ``--longitudinal``, the subject template."""
     import logging
 
     from nipype.pipeline import engine as pe
 
     from ..interfaces.labels import PropagateLabels
-    from ..utils.bids import bids_uri
     from .labels import atlas_reference, init_atlas_propagation_wf, init_label_fusion_wf
-    from .outputs import derivative_uri, init_labels_derivatives_wf
+    from .outputs import init_labels_derivatives_wf
 
     suffix = config.anat_suffixes[0]
     spaces = {t.spec.label: t for t in templates[suffix]}
-    for session, suffixes in sessions.items():
-        if suffix not in suffixes:
-            logging.getLogger("ugi_bids").warning(
-                "sub-%s%s: no %s image, so no atlas labels", subject_id,
-                f" ses-{session}" if session else "", suffix)
-            continue
-        image = str(suffixes[suffix])
-        raw_uri = bids_uri(image, config.bids_dir)
-        tag = "_".join(t for t in (f"ses{_safe(session)}" if session else "", suffix) if t)
-
+    if not targets:
+        logging.getLogger("ugi_bids").warning("sub-%s: no %s image, so no atlas labels",
+                                              subject_id, suffix)
+    for target in targets:
+        tag = target.tag
         brain_masks: dict = {}
 
         def brain_mask(space: str):
-            """The space's template brain mask carried into this session (one node per
-            session and space, through the same inverse transform as the labels), or None."""
+            """The space's template brain mask carried onto this target (one node per target
+            and space, through the same transforms as the labels), or None."""
             if spaces[space].mask is None:
                 return None
             if space not in brain_masks:
-                node = pe.Node(PropagateLabels(in_file=str(spaces[space].mask), reference=image),
+                node = pe.Node(PropagateLabels(in_file=str(spaces[space].mask)),
                                name=f"brain_mask_{tag}_{_safe(space)}", mem_gb=1.0)
-                workflow.connect(registrations[session, suffix, space],
-                                 "outputnode.inverse_xfm", node, "transform")
+                _connect_reference(workflow, target, node, "reference")
+                _connect_chain(workflow, target.chain(space), node, "transform",
+                               f"chain_{tag}_{_safe(space)}")
                 brain_masks[space] = node
             return brain_masks[space]
 
-        def xfm_uri(space: str) -> str:
-            return derivative_uri(subject=subject_id, session=session, suffix="xfm",
-                                  extension=".h5", mode="image", **{"from": space, "to": suffix})
-
         for atlas in atlases:
             template = spaces[atlas.space]
-            reg_wf = registrations[session, suffix, atlas.space]
             atlas_tag = _safe(atlas.label)
             shown = atlas.spec.name if atlas.spec.is_custom else atlas.spec.text
+            chain = target.chain(atlas.space)
             prop_wf = init_atlas_propagation_wf(
                 atlas_text=shown, space=atlas.space, suffix=suffix,
                 has_brain_mask=template.mask is not None,
@@ -201,26 +381,30 @@ def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, template
                 name=f"labels_{tag}_{atlas_tag}_wf")
             prop_wf.inputs.inputnode.atlas = str(atlas.image)
             prop_wf.inputs.inputnode.table = str(atlas_table_path(config.output_dir, atlas.label))
-            prop_wf.inputs.inputnode.reference = image
+            _connect_reference(workflow, target, prop_wf, "inputnode.reference")
+            _connect_chain(workflow, chain, prop_wf, "inputnode.inverse_xfm",
+                           f"chain_{tag}_{_safe(atlas.space)}")
             mask_node = brain_mask(atlas.space)
             if mask_node is not None:
                 workflow.connect(mask_node, "out_file", prop_wf, "inputnode.brain_mask")
+            through = ("the inverse transform of the registration" if len(chain) == 1 else
+                       "the composed inverse transforms (space to subject template, template "
+                       "to session), in one resampling step")
             ds_wf = init_labels_derivatives_wf(
-                output_dir=str(config.output_dir), source_file=image, atlas=atlas.spec.name,
-                desc=atlas.spec.desc, metadata={
-                    "Sources": [atlas.uri, xfm_uri(atlas.space), raw_uri]
+                output_dir=str(config.output_dir), source_file=target.source_file,
+                atlas=atlas.spec.name, desc=atlas.spec.desc, metadata={
+                    "Sources": [atlas.uri, *(uri for _, _, uri in chain), target.uri]
                     + ([atlas.table_uri] if atlas.table_uri else []),
-                    "SpatialReference": raw_uri,
+                    "SpatialReference": target.uri,
                     "Atlas": shown, "AtlasSpace": atlas.space,
                     "Interpolation": "GenericLabel",
                     "Description": (
                         f"{shown} labels carried from {atlas.space} into this "
-                        f"session's {suffix} space through the inverse transform of the "
-                        "registration, with label-aware linear interpolation (ANTs "
+                        f"{'session' if target.session else 'image'}'s {suffix} space through "
+                        f"{through}, with label-aware linear interpolation (ANTs "
                         "GenericLabel semantics: no new label values, no holes at borders)"),
                 }, name=f"ds_labels_{tag}_{atlas_tag}_wf")
             workflow.connect([
-                (reg_wf, prop_wf, [("outputnode.inverse_xfm", "inputnode.inverse_xfm")]),
                 (prop_wf, ds_wf, [("outputnode.dseg", "inputnode.dseg"),
                                   ("outputnode.volumes", "inputnode.volumes"),
                                   ("outputnode.brain_volume", "inputnode.brain_volume")]),
@@ -240,22 +424,22 @@ def _add_labels(workflow: Workflow, *, subject_id: str, sessions: dict, template
                 omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
                 has_brain_mask=fusion_mask is not None,
                 name=f"fusion_{tag}_{_safe(library.spec.name)}_wf")
-            fusion_wf.inputs.inputnode.reference = image
+            _connect_reference(workflow, target, fusion_wf, "inputnode.reference")
             fusion_wf.inputs.inputnode.library_images = [str(i.image) for i in library.images]
             fusion_wf.inputs.inputnode.library_labels = [str(i.labels) for i in library.images]
             fusion_wf.inputs.inputnode.table = str(atlas_table_path(config.output_dir,
                                                                     library.label))
             ds_wf = init_labels_derivatives_wf(
-                output_dir=str(config.output_dir), source_file=image, atlas=library.spec.name,
-                desc=None, metadata={
-                    "Sources": [raw_uri], "SpatialReference": raw_uri,
+                output_dir=str(config.output_dir), source_file=target.source_file,
+                atlas=library.spec.name, desc=None, metadata={
+                    "Sources": [target.uri], "SpatialReference": target.uri,
                     "Atlas": library.spec.name,
                     "Library": [{"Image": i.image.as_uri(), "ImageSHA256": i.image_sha256,
                                  "Labels": i.labels.as_uri(), "LabelsSHA256": i.labels_sha256}
                                 for i in library.images],
                     "Description": (
                         f"multi-atlas label fusion of the {library.spec.name} library: every "
-                        "library image registered to this session with uniGradICON, its labels "
+                        "library image registered to this image with uniGradICON, its labels "
                         "carried onto this grid (GenericLabel semantics), then fused"),
                 }, name=f"ds_fusion_{tag}_{_safe(library.spec.name)}_wf")
             workflow.connect([
