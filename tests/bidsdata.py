@@ -190,6 +190,27 @@ def _write_image(bids_dir: Path, relpath: str, volume: Volume) -> Path:
     return path
 
 
+def _dataset_folder(root, name: str, participants: str) -> Path:
+    """A raw BIDS dataset's folder with its description, participants table and README."""
+    bids_dir = Path(root)
+    bids_dir.mkdir(parents=True, exist_ok=True)
+    (bids_dir / "dataset_description.json").write_text(json.dumps(
+        {"Name": name, "BIDSVersion": "1.9.0", "DatasetType": "raw", "License": "CC0",
+         "Authors": ["ugi-bids developers"]}, indent=2))
+    (bids_dir / "participants.tsv").write_text("participant_id\tage\tsex\n" + participants)
+    (bids_dir / "README").write_text(f"{name}, built from public template images.\n")
+    return bids_dir
+
+
+def _write_images(bids_dir: Path, images: dict) -> dict:
+    """Write every ``{relative path: Volume}`` with its sidecar; the paths by name."""
+    paths = {"bids_dir": bids_dir}
+    for relpath, volume in images.items():
+        path = _write_image(bids_dir, relpath, volume)
+        paths[path.name.replace(".nii.gz", "")] = path
+    return paths
+
+
 def make_bids_dataset(root: str | os.PathLike, *, downsample: float = 3.0) -> dict:
     """A tiny raw BIDS dataset at ``root`` built from real brains; returns a dict of paths.
 
@@ -206,15 +227,7 @@ def make_bids_dataset(root: str | os.PathLike, *, downsample: float = 3.0) -> di
     ``downsample`` mm) to keep registration tests fast. The returned dict has ``"bids_dir"`` and
     one key per image, its file name without extension (``"sub-01_ses-2_run-1_T1w"``).
     """
-    bids_dir = Path(root)
-    bids_dir.mkdir(parents=True, exist_ok=True)
-    (bids_dir / "dataset_description.json").write_text(json.dumps(
-        {"Name": "ugi-bids test dataset", "BIDSVersion": "1.9.0", "DatasetType": "raw",
-         "License": "CC0", "Authors": ["ugi-bids developers"]}, indent=2))
-    (bids_dir / "participants.tsv").write_text(
-        "participant_id\tage\tsex\nsub-01\t34\tF\nsub-02\t27\tM\n")
-    (bids_dir / "README").write_text("Test dataset built from public template images.\n")
-
+    bids_dir = _dataset_folder(root, "ugi-bids test dataset", "sub-01\t34\tF\nsub-02\t27\tM\n")
     fsl = downsampled(load_volume(fsl_mni_brain_path()), downsample)
     c09 = downsampled(load_volume(mni2009c_brain_path()), downsample)
 
@@ -230,16 +243,52 @@ def make_bids_dataset(root: str | os.PathLike, *, downsample: float = 3.0) -> di
         "sub-02/anat/sub-02_T1w.nii.gz":
             store_as(reheader(fsl, _shift((1.0, -9.0, 31.0), angles_deg=(-5.0, 3.0, 0.0))), "PIR"),
     }
-    paths = {"bids_dir": bids_dir}
-    for relpath, volume in images.items():
-        path = _write_image(bids_dir, relpath, volume)
-        paths[path.name.replace(".nii.gz", "")] = path
-    return paths
+    return _write_images(bids_dir, images)
+
+
+def make_longitudinal_dataset(root: str | os.PathLike, *, downsample: float = 3.0) -> dict:
+    """A raw BIDS dataset with a longitudinal participant; returns a dict of paths.
+
+    Layout::
+
+        sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz   FSL MNI152 brain, stored LPS, shifted
+        sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz   the same brain on an oblique, anisotropic
+                                                    grid (voxels d x d x 1.5d), shifted
+        sub-01/ses-3/anat/sub-01_ses-3_T1w.nii.gz   the same brain, RAS, rotated and shifted
+        sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz   the 2009c brain, stored PIR (one session)
+
+    Keys as :func:`make_bids_dataset`'s (``"bids_dir"`` and the file names without extension).
+    """
+    bids_dir = _dataset_folder(root, "ugi-bids longitudinal test dataset",
+                               "sub-01\t71\tF\nsub-02\t68\tM\n")
+    fsl = downsampled(load_volume(fsl_mni_brain_path()), downsample)
+    c09 = downsampled(load_volume(mni2009c_brain_path()), downsample)
+    images = {
+        "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz":
+            store_as(reheader(fsl, _shift((3.5, 21.0, -38.0))), "LPS"),
+        "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz":
+            reheader(resample_to(fsl, oblique_anisotropic_grid(
+                fsl, spacing=(downsample, downsample, 1.5 * downsample))),
+                _shift((-2.0, 18.0, -33.0), angles_deg=(2.0, -1.0, 0.0))),
+        "sub-01/ses-3/anat/sub-01_ses-3_T1w.nii.gz":
+            reheader(fsl, _shift((1.0, 24.0, -41.0), angles_deg=(-3.0, 2.0, 1.5))),
+        "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz":
+            store_as(reheader(c09, _shift((1.0, -9.0, 31.0), angles_deg=(-5.0, 3.0, 0.0))), "PIR"),
+    }
+    return _write_images(bids_dir, images)
 
 
 # --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------
+
+def app_environment(root: str | os.PathLike, templateflow_home: str | os.PathLike) -> dict:
+    """The environment an end-to-end test runs ``ugi-bids`` in: the test TemplateFlow home (no
+    updates), an empty ugi-bids cache (no weights found by accident), one OpenMP thread."""
+    return dict(os.environ, TEMPLATEFLOW_HOME=str(templateflow_home),
+                TEMPLATEFLOW_AUTOUPDATE="0", UGI_BIDS_HOME=str(Path(root) / "empty-cache"),
+                OMP_NUM_THREADS="1")
+
 
 def make_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
     """A random-valued checkpoint in the official format at ``path`` (see tests.checkpoints)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.bidsdata import make_bids_dataset, make_templateflow_home
+from tests.bidsdata import app_environment, make_bids_dataset, make_templateflow_home
 from tests.checkpoints import write_random_checkpoint
 
 SPACE = "MNI152NLin2009cAsym"
@@ -32,8 +31,7 @@ def setup(tmp_path_factory):
     templateflow_home = make_templateflow_home(root / "templateflow")
     paths = make_bids_dataset(root / "bids")
     weights = write_random_checkpoint(root / "Step_2_final.trch", seed=3, lastconv_scale=0.3)
-    env = dict(os.environ, TEMPLATEFLOW_HOME=str(templateflow_home), TEMPLATEFLOW_AUTOUPDATE="0",
-               UGI_BIDS_HOME=str(root / "empty-cache"), OMP_NUM_THREADS="1")
+    env = app_environment(root, templateflow_home)
     return {"root": root, "bids": root / "bids", "weights": weights, "env": env,
             "paths": paths}
 

@@ -10,6 +10,7 @@ real module when it is importable.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -129,6 +130,9 @@ def test_defaults(site):
             config.stop_on_first_crash, config.resource_monitor, config.boilerplate_only,
             config.reports_only, config.notrack) == (False,) * 8
     assert config.verbose == 0 and config.bids_filters == {}
+    assert (config.subject_anatomical_reference, config.template_iterations,
+            config.template_gradient_step, config.template_average, config.build_template) == \
+        ("sessionwise", 4, 0.25, "mean", None)
     assert snapshot(site) == before  # parsing creates nothing
     assert parse(level="group").analysis_level == "group"
 
@@ -205,6 +209,47 @@ def test_aliases(site, flags, field, value):
     assert getattr(parse(*flags), field) == expected
 
 
+def test_longitudinal_is_the_unbiased_reference(site):
+    """fMRIPrep's deprecated ``--longitudinal`` is ``--subject-anatomical-reference unbiased``."""
+    longitudinal = parse("--longitudinal")
+    explicit = parse("--subject-anatomical-reference", "unbiased")
+    assert longitudinal.subject_anatomical_reference == "unbiased"
+    assert dataclasses.replace(longitudinal, run_uuid=explicit.run_uuid) == explicit
+    assert parse("--subject-anatomical-reference", "sessionwise") \
+        .subject_anatomical_reference == "sessionwise"
+
+
+def test_template_building_options(site):
+    config = parse("--template-iterations", "2", "--template-gradient-step", "1",
+                   "--template-average", "median", "--build-template", "Study01",
+                   "--longitudinal", level="group")
+    assert (config.subject_anatomical_reference, config.template_iterations,
+            config.template_gradient_step, config.template_average, config.build_template) == \
+        ("unbiased", 2, 1.0, "median", "Study01")
+    assert parse("--template-gradient-step", "0.1").template_gradient_step == 0.1
+    # they apply to subject templates too: accepted at the participant level
+    assert parse("--template-iterations", "1").template_iterations == 1
+
+
+def test_build_template_at_participant_level_is_refused(site, capsys):
+    before = snapshot(site)
+    code, line = fails(["bids", "out", "participant", "--build-template", "Study"], capsys)
+    assert code == 2 and line == (
+        "ugi-bids: error: --build-template Study: a study template is built at the group "
+        "level; run with the analysis level group (not participant), or leave "
+        "--build-template (build_template in a --config-file) out")
+    assert snapshot(site) == before
+
+
+@pytest.mark.parametrize("name", ["MNI152NLin2009cAsym", "mni152nlin2009casym"])
+def test_build_template_name_clashes_with_an_output_space(site, capsys, name):
+    code, line = fails(["bids", "out", "group", "--build-template", name], capsys)
+    assert code == 2 and "the TemplateFlow template MNI152NLin2009cAsym" in line
+    code, line = fails(["bids", "out", "group", "--output-spaces", "MNI152NLin6Asym:res-2",
+                        "--build-template", "MNI152NLin6Asym"], capsys)
+    assert code == 2 and "MNI152NLin6Asym (an output space)" in line
+
+
 def test_labels_stripped_and_deduplicated(site):
     config = parse("--participant-label", "sub-01", "01", "sub-02", "--session-label", "ses-pre")
     assert config.participant_label == ["01", "02"] and config.session_label == ["pre"]
@@ -243,12 +288,28 @@ def test_bad_memory(site, capsys, text):
     (["--precision", "bf16"], "--precision"),
     (["--io-checkpointing", "maybe"], "--io-checkpointing"),
     (["--anat-suffixes", "T1map"], "--anat-suffixes"),
+    (["--subject-anatomical-reference", "first-lex"], "--subject-anatomical-reference"),
+    (["--longitudinal", "yes"], "unrecognized"),
+    (["--template-iterations", "0"], "--template-iterations: must be >= 1, got 0"),
+    (["--template-iterations", "2.5"], "--template-iterations: invalid integer"),
+    (["--template-gradient-step", "0"], "--template-gradient-step: must be a number in (0, 1]"),
+    (["--template-gradient-step", "1.5"], "must be a number in (0, 1], got 1.5"),
+    (["--template-gradient-step", "-0.1"], "--template-gradient-step"),
+    (["--template-gradient-step", "nan"], "--template-gradient-step"),
+    (["--template-gradient-step", "big"], "must be a number in (0, 1], got big"),
+    (["--template-average", "max"], "--template-average: invalid choice: 'max'"),
+    (["--build-template", "my-template"], "--build-template: invalid template name"),
+    (["--build-template", "tpl-X"], "leave out the tpl- prefix ('X')"),
+    (["--build-template", "my_template"], "letters and digits only"),
+    (["--build-template", ""], "--build-template: invalid template name"),
     (["--bogus"], "unrecognized"),
     (["--nproc", "2"], "unrecognized"),  # no abbreviations
 ])
 def test_bad_values_are_usage_errors(site, capsys, flags, phrase):
     code, line = fails(["bids", "out", "participant", *flags], capsys)
     assert code == 2 and phrase in line
+    if "--build-template" in flags:  # the name is checked before the level
+        assert fails(["bids", "out", "group", *flags], capsys) == (code, line)
 
 
 def test_missing_positionals(site, capsys):
@@ -331,6 +392,24 @@ def test_help_has_the_nipreps_groups(capsys):
                   "Workflow configuration", "Registration options", "Other options",
                   "BIDS_DIR OUTPUT_DIR {participant,group}", "exit codes"):
         assert title in out
+
+
+def test_help_of_the_template_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    workflow = " ".join(out.split("Workflow configuration:")[1]
+                        .split("Registration options:")[0].split())
+    for option in ("--subject-anatomical-reference {sessionwise,unbiased}", "--longitudinal",
+                   "--template-iterations N", "--template-gradient-step S",
+                   "--template-average {mean,median}", "--build-template NAME"):
+        assert option in workflow, option
+    for phrase in ("deformable unbiased within-subject template with uniGradICON",
+                   "unlike fMRIPrep's rigid mri_robust_template",
+                   "a participant with one session gets the ordinary outputs",
+                   "(default: sessionwise)", "default: 4", "(default: 0.25)", "(default: mean)",
+                   "group level only", "OUTPUT_DIR/tpl-NAME/"):
+        assert phrase in workflow, phrase
 
 
 def test_console_entry_point(site):
@@ -511,12 +590,26 @@ plugin = {plugin = "multiproc", plugin_args = {n_procs = 3, memory_gb = 6}}
     ("[nipype]\nplugin = {plugin = 'Dask'}", "unsupported plugin 'Dask'"),
     ("[execution]\nreports_only = true", "reports are not implemented yet"),
     ("[workflow]\noutput_spaces = []", "no output space"),
+    ("[workflow]\nsubject_anatomical_reference = 'longitudinal'",
+     "[workflow] subject_anatomical_reference must be one of sessionwise, unbiased"),
+    ("[workflow]\ntemplate_iterations = 0",
+     "[workflow] template_iterations must be an integer >= 1"),
+    ("[workflow]\ntemplate_gradient_step = 1.5",
+     "[workflow] template_gradient_step: must be a number in (0, 1], got 1.5"),
+    ("[workflow]\ntemplate_gradient_step = 0", "template_gradient_step: must be a number in"),
+    ("[workflow]\ntemplate_gradient_step = '0.5'",
+     "[workflow] template_gradient_step must be a number in (0, 1], got \"0.5\""),
+    ("[workflow]\ntemplate_average = 'max'",
+     "[workflow] template_average must be one of mean, median"),
+    ("[workflow]\nbuild_template = 'tpl-X'",
+     "[workflow] build_template: invalid template name 'tpl-X'"),
+    ("[workflow]\nbuild_template = 'Study'", "a study template is built at the group level"),
 ])
 def test_bad_config_file(site, capsys, text, phrase):
     path = write(site / "ugi.toml", text)
     code, line = fails(["bids", "out", "participant", "--config-file", path], capsys)
     assert code == 2 and phrase in line
-    if "reports" not in phrase and "no output space" not in phrase:
+    if not any(text in phrase for text in ("reports", "no output space", "group level")):
         assert line.startswith(f"ugi-bids: error: --config-file {path}")
 
 
@@ -630,7 +723,23 @@ def test_choices_are_the_engines():
         assert _choices(parser, "io_similarity") == options.SIMILARITIES
         assert _choices(parser, "precision") == options.PRECISIONS
         assert _choices(parser, "io_checkpointing") == tuple(options.IO_CHECKPOINTING)
+    ugi_bids_parser = cli.build_parser()
+    assert _choices(ugi_bids_parser, "subject_anatomical_reference") == \
+        options.ANATOMICAL_REFERENCES
+    assert _choices(ugi_bids_parser, "template_average") == options.TEMPLATE_AVERAGES
     assert set(cli.FILTER_QUERIES.values()) == set(SUFFIX_MODALITY)
+
+
+def test_template_defaults_are_the_engines():
+    from ugi_bids.engine import options
+
+    config = Config(bids_dir=Path("/b"), output_dir=Path("/o"))
+    assert (config.subject_anatomical_reference, config.template_iterations,
+            config.template_gradient_step, config.template_average) == (
+        options.DEFAULT_ANATOMICAL_REFERENCE, options.DEFAULT_TEMPLATE_ITERATIONS,
+        options.DEFAULT_TEMPLATE_GRADIENT_STEP, options.DEFAULT_TEMPLATE_AVERAGE)
+    assert options.DEFAULT_ANATOMICAL_REFERENCE in options.ANATOMICAL_REFERENCES
+    assert options.DEFAULT_TEMPLATE_AVERAGE in options.TEMPLATE_AVERAGES
 
 
 def test_defaults_are_the_engines():

@@ -81,7 +81,8 @@ EVERYTHING = (
     "--io-checkpointing", "on", "--gpu-procs", "2", "--sloppy", "--nprocs", "8",
     "--omp-nthreads", "2", "--mem", "12G", "--use-plugin", "plugin.yml", "-w", "scratch",
     "--clean-workdir", "--stop-on-first-crash", "--resource-monitor", "--boilerplate-only",
-    "--notrack", "-vv")
+    "--notrack", "-vv", "--longitudinal", "--template-iterations", "2",
+    "--template-gradient-step", "0.5", "--template-average", "median")
 
 
 def test_every_field_is_in_one_section():
@@ -92,7 +93,9 @@ def test_every_field_is_in_one_section():
     assert list(SECTIONS) == ["execution", "workflow", "nipype"]
     assert {"run_uuid", "verbose", "work_dir", "bids_dir"} <= set(SECTIONS["execution"])
     assert {"output_spaces", "templates", "model", "weights", "io_iterations",
-            "sloppy"} <= set(SECTIONS["workflow"])
+            "sloppy", "subject_anatomical_reference", "template_iterations",
+            "template_gradient_step", "template_average",
+            "build_template"} <= set(SECTIONS["workflow"])
     assert set(SECTIONS["nipype"]) == {"nprocs", "omp_nthreads", "mem_gb", "plugin",
                                        "gpu_procs", "device"}
 
@@ -110,10 +113,38 @@ def test_toml_round_trip(site):
     # TOML has no null: a filter that needs one is written as JSON text
     assert tables["execution"]["bids_filters"] == '{"t1w": {"acq": "mprage", "rec": null}}'
     assert tables["environment"] == {"version": "0.1.0", "weights": str(site / "cache/w.trch")}
+    assert {key: tables["workflow"][key] for key in (
+        "subject_anatomical_reference", "template_iterations", "template_gradient_step",
+        "template_average")} == {"subject_anatomical_reference": "unbiased",
+                                 "template_iterations": 2, "template_gradient_step": 0.5,
+                                 "template_average": "median"}
     assert Config.from_toml(text) == config
     default = parse()
     assert Config.from_toml(default.to_toml()) == default
-    assert "weights" not in config_module.tomllib.loads(default.to_toml())["workflow"]
+    written = config_module.tomllib.loads(default.to_toml())["workflow"]
+    assert "weights" not in written and "build_template" not in written  # None: left out
+    assert (written["subject_anatomical_reference"], written["template_iterations"],
+            written["template_gradient_step"], written["template_average"]) == \
+        ("sessionwise", 4, 0.25, "mean")
+
+
+def test_toml_round_trip_of_a_study_template(site):
+    """``--build-template`` (group level) is written in [workflow] and read back; the file is
+    a valid --config-file for the group level, and the participant level refuses it."""
+    config = cli.parse_args(["bids", "out", "group", "--build-template", "Study7",
+                             "--template-iterations", "6", "--template-gradient-step", "1",
+                             "--template-average", "median"])
+    text = config.to_toml()
+    workflow = config_module.tomllib.loads(text)["workflow"]
+    assert (workflow["build_template"], workflow["template_iterations"],
+            workflow["template_gradient_step"], workflow["template_average"]) == \
+        ("Study7", 6, 1.0, "median")
+    assert Config.from_toml(text) == config
+    (site / "run.toml").write_text(text)
+    again = cli.parse_args(["bids", "out", "group", "--config-file", "run.toml"])
+    assert dataclasses.replace(again, run_uuid=config.run_uuid) == config
+    with pytest.raises(UsageError, match="built at the group level"):
+        cli.parse_args(["bids", "out", "participant", "--config-file", "run.toml"])
 
 
 def test_config_file_reproduces_a_command_line(site):
@@ -165,6 +196,10 @@ def test_read_settings_only_what_is_given(site):
         "io_iterations": 0, "mem_gb": 2.0}
     assert read_settings('[execution]\nparticipant_label = "sub-01"\n') == {
         "participant_label": ["01"]}
+    assert read_settings('[workflow]\ntemplate_gradient_step = 1\nbuild_template = "ab1"\n'
+                         'subject_anatomical_reference = "unbiased"\n') == {
+        "template_gradient_step": 1.0, "build_template": "ab1",
+        "subject_anatomical_reference": "unbiased"}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -172,6 +207,21 @@ def test_read_settings_only_what_is_given(site):
     ("[workflow]\nmodel = 'voxelmorph'\n",
      'run.toml: [workflow] model must be one of unigradicon, multigradicon, got "voxelmorph"'),
     ("[execution]\nbids_dir = 3\n", "run.toml: [execution] bids_dir must be a string, got 3"),
+    ("[workflow]\ntemplate_iterations = 0\n",
+     "run.toml: [workflow] template_iterations must be an integer >= 1, got 0"),
+    ("[workflow]\ntemplate_gradient_step = true\n",
+     "run.toml: [workflow] template_gradient_step must be a number in (0, 1], got true"),
+    ("[workflow]\ntemplate_gradient_step = 1.5\n",
+     "run.toml: [workflow] template_gradient_step: must be a number in (0, 1], got 1.5"),
+    ("[workflow]\ntemplate_average = 'max'\n",
+     'run.toml: [workflow] template_average must be one of mean, median, got "max"'),
+    ("[workflow]\nbuild_template = 'my-template'\n",
+     ("run.toml: [workflow] build_template: invalid template name 'my-template': TemplateFlow "
+      "template names are letters and digits only (the template is written as tpl-NAME)")),
+    ("[execution]\nbids_dir = 'b'\noutput_dir = 'o'\n[workflow]\nbuild_template = 'X'\n",
+     ("--build-template X: a study template is built at the group level; run with the analysis "
+      "level group (not participant), or leave --build-template (build_template in a "
+      "--config-file) out")),
 ])
 def test_from_toml_errors_are_one_line(text, message):
     with pytest.raises(UsageError) as info:
