@@ -296,8 +296,8 @@ def test_expected_spaces_come_from_the_latest_run(dataset, capsys):
         text = text.replace("[workflow]\n", f"[workflow]\n{key} = {value}\n")
     text = text.replace("[workflow]\n", "[workflow]\na_key_of_a_later_version = 1\n")
     (later / "ugi-bids.toml").write_text(text)
-    assert group.run_settings(later / "ugi-bids.toml") == (
-        ["T1w"], [*SPACES, "Study"], [HOSPA, "atlas-Mine", "atlas-Lib"])
+    assert group.run_settings(later / "ugi-bids.toml") == group.RunSettings(
+        ["T1w"], [*SPACES, "Study"], [HOSPA, "atlas-Mine", "atlas-Lib"], longitudinal=False)
     group.run_group(config_for(bids, out))
     assert warnings(capsys.readouterr().err) == [
         ("ugi-bids: warning: sub-02: half-finished: no from-T1w_to-Study transform, "
@@ -307,7 +307,12 @@ def test_expected_spaces_come_from_the_latest_run(dataset, capsys):
 def test_run_settings_read_through_read_settings(tmp_path):
     path = tmp_path / "ugi-bids.toml"
     path.write_text(run_settings_toml(tmp_path, tmp_path))
-    assert group.run_settings(path) == (["T1w"], list(SPACES), [])
+    assert group.run_settings(path) == group.RunSettings(["T1w"], list(SPACES), [],
+                                                         longitudinal=False)
+    path.write_text(Config(bids_dir=tmp_path, output_dir=tmp_path, output_spaces=[
+        SpaceSpec("MNI152NLin2009cAsym")], subject_anatomical_reference="unbiased",
+    ).to_toml({"device": "cpu"}))
+    assert group.run_settings(path).longitudinal
     path.write_text("not toml [")
     assert group.run_settings(path) is None
 
