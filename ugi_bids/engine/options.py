@@ -19,6 +19,10 @@ DEFAULT_MODALITY = "mri"
 #: the headers' world coordinates) or ``affine`` (fit an affine in world space).
 PREALIGN_MODES = ("none", "header", "affine")
 DEFAULT_PREALIGN = "affine"
+#: Degrees of freedom of the affine pre-alignment: rigid, similarity, rigid + per-axis scale,
+#: full affine (``--prealign-dof``).
+PREALIGN_DOFS = (6, 7, 9, 12)
+DEFAULT_PREALIGN_DOF = 12
 
 #: Masks: multiplied into the normalised ``input``, or restricting the IO ``loss``.
 MASKING_MODES = ("input", "loss")

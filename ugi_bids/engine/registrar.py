@@ -49,6 +49,7 @@ from .options import (
     DEFAULT_MODALITY,
     DEFAULT_MODEL,
     DEFAULT_PREALIGN,
+    DEFAULT_PREALIGN_DOF,
     DEFAULT_PRECISION,
     DEFAULT_SIMILARITY,
     DEFAULT_NETWORK_SIZE,
@@ -57,11 +58,13 @@ from .options import (
     MASKING_MODES,
     MIN_NETWORK_SIZE,
     MODALITIES,
+    PREALIGN_DOFS,
     PREALIGN_MODES,
     SIMILARITIES,
 )
 from .prealign import affine as prealign_module
-from .preprocess import binarise_mask, preprocess
+from .prealign.foreground import BODY_HU, body_mask
+from .preprocess import CT_WINDOW_HU, binarise_mask, preprocess
 from .spatial.geometry import Grid, network_box, network_box_grid, to_tensor_layout
 from .spatial.sampling import sample_on_grid, sample_trilinear
 from .spatial.transforms import DisplacementField, WorldTransform
@@ -186,20 +189,60 @@ def prealignment(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREALIGN, *,
                  network_size: int = DEFAULT_NETWORK_SIZE,
                  fixed_mask: np.ndarray | None = None,
                  moving_mask: np.ndarray | None = None,
-                 prepared: prealign_module.FixedSide | None = None) -> np.ndarray:
-    """The world affine that maps FIXED-space points to MOVING-space points (RAS mm, 4x4).
+                 prepared: prealign_module.FixedSide | None = None,
+                 dof: int = DEFAULT_PREALIGN_DOF, fixed_modality: str = DEFAULT_MODALITY,
+                 moving_modality: str = DEFAULT_MODALITY) -> np.ndarray:
+    """The world affine that maps FIXED-space points to MOVING-space points (RAS mm, 4x4): the
+    affine of :func:`prealignment_report`."""
+    return prealignment_report(fixed, moving, mode, network_size=network_size,
+                               fixed_mask=fixed_mask, moving_mask=moving_mask,
+                               prepared=prepared, dof=dof, fixed_modality=fixed_modality,
+                               moving_modality=moving_modality)[0]
+
+
+def prealignment_report(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREALIGN, *,
+                        network_size: int = DEFAULT_NETWORK_SIZE,
+                        fixed_mask: np.ndarray | None = None,
+                        moving_mask: np.ndarray | None = None,
+                        prepared: prealign_module.FixedSide | None = None,
+                        dof: int = DEFAULT_PREALIGN_DOF, fixed_modality: str = DEFAULT_MODALITY,
+                        moving_modality: str = DEFAULT_MODALITY,
+                        device: str | torch.device = "cpu") -> tuple[np.ndarray, dict | None]:
+    """The world affine that maps FIXED-space points to MOVING-space points (RAS mm, 4x4), and
+    what the provenance records of it (None unless ``affine``).
 
     ``none``: the voxel-grid correspondence of the published tool (the moving network box
     composed with the inverse of the fixed one; depends on ``network_size``), ``header``: the
-    identity, ``affine``: :func:`ugi_bids.engine.prealign.affine.prealign` (centre of mass +
-    affine fit, restricted to the boolean masks on each image's grid when given).
+    identity, ``affine``: :func:`ugi_bids.engine.prealign.affine.estimate_prealignment` with
+    ``dof`` (multi-start search, then rigid and affine fit; restricted to the boolean masks on
+    each image's grid when given, else to a CT's body: :func:`prealign_mask`), run by torch on
+    ``device`` (the registration's).
     """
-    check_options(prealign=mode)
+    check_options(prealign=mode, prealign_dof=dof, fixed_modality=fixed_modality,
+                  moving_modality=moving_modality)
     if mode == "none":
         return network_box(moving.grid, network_size) @ np.linalg.inv(
-            network_box(fixed.grid, network_size))
-    return prealign_module.prealign(fixed, moving, mode, fixed_mask=fixed_mask,
-                                    moving_mask=moving_mask, prepared=prepared)
+            network_box(fixed.grid, network_size)), None
+    if mode == "header":
+        return np.eye(4), None
+    if fixed_mask is None and prepared is None:
+        fixed_mask = prealign_mask(fixed, fixed_modality)
+    if moving_mask is None:
+        moving_mask = prealign_mask(moving, moving_modality)
+    result = prealign_module.estimate_prealignment(
+        fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, prepared=prepared,
+        dof=dof, settings=prealign_module.PrealignSettings(device=str(torch.device(device))))
+    return result.affine, result.report()
+
+
+def prealign_mask(normalised: Volume, modality: str) -> np.ndarray | None:
+    """Where the pre-alignment looks in a NORMALISED image without a mask of its own: a CT's
+    body (:func:`ugi_bids.engine.prealign.foreground.body_mask`, at ``BODY_HU`` on the CT
+    window), nothing for MRI (its intensity object is the head)."""
+    if modality != "ct":
+        return None
+    low, high = CT_WINDOW_HU
+    return body_mask(normalised, (BODY_HU - low) / (high - low))
 
 
 def network_pair(fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *, size: int,
@@ -243,17 +286,17 @@ def network_pair(fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *, 
     )
 
 
-def check_options(**options: str) -> None:
+def check_options(**options) -> None:
     """Refuse (ValueError, before any work) a registration option outside its choices in
     :mod:`ugi_bids.engine.options`; keywords: ``fixed_modality``, ``moving_modality``,
-    ``masking``, ``prealign``, ``io_similarity``."""
+    ``masking``, ``prealign``, ``prealign_dof``, ``io_similarity``."""
     choices = {"fixed_modality": MODALITIES, "moving_modality": MODALITIES,
                "masking": MASKING_MODES, "prealign": PREALIGN_MODES,
-               "io_similarity": SIMILARITIES}
+               "prealign_dof": PREALIGN_DOFS, "io_similarity": SIMILARITIES}
     for name, value in options.items():
         if value not in choices[name]:
             raise ValueError(f"{name.replace('_', ' ')} must be one of "
-                             f"{', '.join(choices[name])}, got {value!r}")
+                             f"{', '.join(map(str, choices[name]))}, got {value!r}")
 
 
 class Registrar:
@@ -300,8 +343,8 @@ class Registrar:
                  moving_modality: str = DEFAULT_MODALITY, fixed_mask: Volume | None = None,
                  moving_mask: Volume | None = None, masking: str = DEFAULT_MASKING,
                  prealign: str = DEFAULT_PREALIGN, io_iterations: int = IO_STEPS,
-                 io_similarity: str = DEFAULT_SIMILARITY, io_learning_rate: float = IO_LEARNING_RATE
-                 ) -> RegistrationResult:
+                 io_similarity: str = DEFAULT_SIMILARITY, io_learning_rate: float = IO_LEARNING_RATE,
+                 prealign_dof: int = DEFAULT_PREALIGN_DOF) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``; returns both directions as world transforms.
 
         Parameters
@@ -315,6 +358,8 @@ class Registrar:
             multiplied into the normalised images; with ``"loss"`` they restrict the IO
             similarity. Both feed the affine pre-alignment.
         prealign : {"none", "header", "affine"}
+        prealign_dof : {6, 7, 9, 12}
+            Degrees of freedom of the ``affine`` pre-alignment.
         io_iterations : int
             Instance-optimisation steps (0 = plain inference).
         io_similarity : {"lncc", "lncc2", "mind"}
@@ -335,6 +380,7 @@ class Registrar:
             loss_masks=(fixed_inside, moving_inside) if masking == "loss" else None,
             io_iterations=io_iterations, io_similarity=io_similarity,
             io_learning_rate=io_learning_rate, timings={"preprocess_s": preprocess_s},
+            prealign_dof=prealign_dof,
             settings={"fixed_modality": fixed_modality, "moving_modality": moving_modality,
                       "masking": masking if (fixed_mask is not None or moving_mask is not None)
                       else None})
@@ -344,7 +390,8 @@ class Registrar:
                       moving_modality: str = DEFAULT_MODALITY,
                       fixed_mask: Volume | None = None, prealign: str = DEFAULT_PREALIGN,
                       io_iterations: int = IO_STEPS, io_similarity: str = DEFAULT_SIMILARITY,
-                      io_learning_rate: float = IO_LEARNING_RATE) -> Iterator[RegistrationResult]:
+                      io_learning_rate: float = IO_LEARNING_RATE,
+                      prealign_dof: int = DEFAULT_PREALIGN_DOF) -> Iterator[RegistrationResult]:
         """Register every moving image onto one fixed image (a cohort onto a template), in
         this process, with the network loaded once.
 
@@ -358,7 +405,9 @@ class Registrar:
         fixed_inside = None if fixed_mask is None else binarise_mask(fixed_mask, fixed,
                                                                       "fixed mask")
         fixed_n = preprocess(fixed, fixed_modality, fixed_mask, True, "fixed image")
-        prepared = (prealign_module.prepare_fixed(fixed_n, fixed_inside)
+        prealign_inside = (fixed_inside if fixed_inside is not None or prealign != "affine"
+                           else prealign_mask(fixed_n, fixed_modality))
+        prepared = (prealign_module.prepare_fixed(fixed_n, prealign_inside)
                     if prealign == "affine" else None)
         for moving in movings:
             start = time.perf_counter()
@@ -371,7 +420,7 @@ class Registrar:
             yield self._align_and_register(
                 fixed_n, moving_n, prealign=prealign, fixed_mask=fixed_inside, prepared=prepared,
                 io_iterations=io_iterations, io_similarity=io_similarity,
-                io_learning_rate=io_learning_rate,
+                io_learning_rate=io_learning_rate, prealign_dof=prealign_dof,
                 timings={"read_s": read_s, "preprocess_s": preprocess_s},
                 settings={"fixed_modality": fixed_modality, "moving_modality": moving_modality,
                           "masking": "input" if fixed_mask is not None else None})
@@ -382,12 +431,16 @@ class Registrar:
                             prepared: prealign_module.FixedSide | None = None,
                             loss_masks: tuple | None = None, io_iterations: int,
                             io_similarity: str, io_learning_rate: float, timings: dict,
-                            settings: dict) -> RegistrationResult:
+                            settings: dict,
+                            prealign_dof: int = DEFAULT_PREALIGN_DOF) -> RegistrationResult:
         """Pre-align two NORMALISED volumes, then :meth:`register_prealigned`; ``timings``
         (the caller's steps so far) and ``settings`` go onto the result ahead of its own."""
         start = time.perf_counter()
-        affine = prealignment(fixed, moving, prealign, network_size=self.network_size,
-                              fixed_mask=fixed_mask, moving_mask=moving_mask, prepared=prepared)
+        affine, report = prealignment_report(
+            fixed, moving, prealign, network_size=self.network_size, fixed_mask=fixed_mask,
+            moving_mask=moving_mask, prepared=prepared, dof=prealign_dof,
+            fixed_modality=settings["fixed_modality"], moving_modality=settings["moving_modality"],
+            device=self.device)
         timings = {**timings, "prealign_s": time.perf_counter() - start}
         result = self.register_prealigned(
             fixed, moving, affine, keep_storage=prealign == "none", loss_masks=loss_masks,
@@ -395,6 +448,8 @@ class Registrar:
             io_learning_rate=io_learning_rate)
         result.timings = {**timings, **result.timings}
         result.settings.update({"prealign": prealign, **settings})
+        if report is not None:
+            result.settings["prealign_report"] = report
         return result
 
     def register_prealigned(self, fixed: Volume, moving: Volume, prealign_affine: np.ndarray, *,

@@ -51,7 +51,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from scipy import ndimage
 
 from ...errors import InputDataError
 from ..kernels import mattes_mi
-from ..options import DEFAULT_PREALIGN
+from ..options import DEFAULT_PREALIGN, DEFAULT_PREALIGN_DOF, PREALIGN_DOFS
 from ..spatial.geometry import apply_affine
 from ..spatial.volume import Volume
 from .metrics import bspline_memberships, mutual_information_loss, ncc_loss
@@ -72,6 +72,7 @@ from .moments import (
     mask_on_grid,
     unit_intensities,
 )
+from . import search
 from .pyramid import PyramidLevel, sampling_region, world_pyramid
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ logger = logging.getLogger(__name__)
 MODES = ("header", "affine")
 #: Similarity names accepted by :func:`prealign`.
 METRICS = ("auto", "mi", "ncc")
+#: A fit whose scales leave this range, or whose shear exceeds MAX_SHEAR, falls back to a
+#: similarity (then rigid) fit: no head or chest is 1.5 times another along one axis only.
+PLAUSIBLE_SCALE = (0.67, 1.5)
+MAX_SHEAR = 0.2
 
 
 
@@ -110,6 +115,12 @@ class PrealignSettings:
     bins: int = 32
     seed: int = 0
     threads: int = 1
+    search: bool = True
+    search_samples: int = 3000
+    search_limit_deg: float = 60.0
+    search_step_deg: float = 30.0
+    search_keep: int = 3
+    device: str = "cpu"
 
 
 @dataclass
@@ -123,6 +134,20 @@ class PrealignResult:
     affine: np.ndarray
     metric: str
     costs: list = field(default_factory=list)
+    start: str = "com"
+    starts: list = field(default_factory=list)
+    dof: int = DEFAULT_PREALIGN_DOF
+    fallback: str | None = None
+    rigid: tuple | None = None
+
+    def report(self) -> dict:
+        """What the provenance records: the metric and its final value, the degrees of
+        freedom asked for, the start that won, and the fallback taken (or None)."""
+        scales, shear = affine_shape(self.affine[:3, :3])
+        return {"metric": self.metric, "final_cost": round(float(self.costs[-1][1]), 6),
+                "dof": self.dof, "start": self.start, "fallback": self.fallback,
+                "scales": [round(float(s), 4) for s in scales],
+                "max_shear": round(float(shear), 4)}
 
 
 @dataclass
@@ -156,15 +181,16 @@ def _level_data(fixed: PyramidLevel, moving: PyramidLevel, centre: np.ndarray, m
     coords = index.T
     values = ndimage.map_coordinates(fixed.values, coords, order=1, mode="nearest")
     weights = ndimage.map_coordinates(fixed.weight, coords, order=1, mode="nearest")
-    fixed_values = torch.from_numpy(values.astype(np.float32))
+    device = torch.device(settings.device)
+    fixed_values = torch.from_numpy(values.astype(np.float32)).to(device)
     moving_tensor = torch.from_numpy(np.stack([moving.values, moving.weight]))[None]
     return _LevelData(
-        points=torch.from_numpy(points.astype(np.float32)),
+        points=torch.from_numpy(points.astype(np.float32)).to(device),
         fixed_values=fixed_values,
         fixed_memberships=(bspline_memberships(fixed_values, settings.bins) if metric == "mi"
                            else None),
-        fixed_weights=torch.from_numpy(weights.astype(np.float32)),
-        moving=moving_tensor.float(),
+        fixed_weights=torch.from_numpy(weights.astype(np.float32)).to(device),
+        moving=moving_tensor.float().to(device),
         offset=centre - moving.grid.affine[:3, 3],
         spacing=float(moving.grid.spacing[0]),
         shape=moving.grid.shape,
@@ -181,10 +207,11 @@ def _kernel_inputs(level: _LevelData) -> tuple:
 
 def _sample_moving(level: _LevelData, matrix: torch.Tensor, translation: torch.Tensor):
     """Moving values and weights at ``A(x)`` for the level's fixed points x."""
-    offset = torch.from_numpy(level.offset.astype(np.float32))
+    offset = torch.from_numpy(level.offset.astype(np.float32)).to(level.points.device)
     mapped = level.points @ matrix.T + (offset + translation)   # mm from the lattice origin
     index = mapped / level.spacing
-    size = torch.tensor([n - 1 for n in level.shape], dtype=index.dtype).clamp_min(1)
+    size = torch.tensor([n - 1 for n in level.shape], dtype=index.dtype,
+                        device=index.device).clamp_min(1)
     normalised = 2.0 * index / size - 1.0
     grid = normalised[:, [2, 1, 0]].reshape(1, -1, 1, 1, 3)
     sampled = F.grid_sample(level.moving, grid, mode="bilinear", padding_mode="zeros",
@@ -195,7 +222,7 @@ def _sample_moving(level: _LevelData, matrix: torch.Tensor, translation: torch.T
 
 def _loss(level: _LevelData, metric: str, matrix: torch.Tensor,
           translation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if metric == "mi" and mattes_mi.available():
+    if metric == "mi" and mattes_mi.available() and level.points.device.type == "cpu":
         # The same loss and gradient as below, compiled (see mattes_mi): ~15x faster.
         shift = torch.from_numpy(level.offset.astype(np.float32)) + translation
         loss, total = mattes_mi.MattesMI.apply(matrix, shift, *_kernel_inputs(level))
@@ -212,7 +239,7 @@ def _loss(level: _LevelData, metric: str, matrix: torch.Tensor,
 
 
 def _skew(v: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros((), dtype=v.dtype)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
     return torch.stack([torch.stack([zero, -v[2], v[1]]),
                         torch.stack([v[2], zero, -v[0]]),
                         torch.stack([-v[1], v[0], zero])])
@@ -238,25 +265,39 @@ def adam_update(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: tor
     param.sub_(rate * m_hat / (v_hat.sqrt() + eps))
 
 
+#: The stage that fits each ``--prealign-dof``: 6 rigid, 7 similarity (one scale), 9 rigid and
+#: a scale per axis, 12 full affine.
+STAGE_OF_DOF = {6: "rigid", 7: "similarity", 9: "scaling", 12: "affine"}
+#: Parameters (besides the translation) of each stage.
+_STAGE_PARAMETERS = {"rigid": (3,), "similarity": (4,), "scaling": (6,), "affine": (3, 3)}
+
+
 def _run_stage(level: _LevelData, metric: str, matrix0: np.ndarray, translation0: np.ndarray,
-               radius: float, rigid: bool, iterations: int, step: float,
+               radius: float, kind: str, iterations: int, step: float,
                final_ratio: float) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Adam on one level. Parameters are ~mm of displacement at ``radius`` from the centre.
 
-    rigid: ``M = expm(skew(r / radius)) M0``; affine: ``M = M0 + D / radius``; both ``t = t0 + d``.
+    ``kind`` (``r``: rotation vector, ``s``: log scales, both in mm at ``radius``):
+    rigid ``M = expm(skew(r / radius)) M0``; similarity ``M = exp(s / radius) expm(...) M0``;
+    scaling ``M = expm(skew(r / radius)) M0 diag(exp(s / radius))`` (a scale along each fixed
+    axis); affine ``M = M0 + D / radius``; always ``t = t0 + d``.
     Returns (M, t, initial loss, final loss).
     """
-    m0 = torch.from_numpy(matrix0.astype(np.float32))
-    t0 = torch.from_numpy(translation0.astype(np.float32))
-    shape = (3,) if rigid else (3, 3)
-    p_matrix = torch.zeros(shape, requires_grad=True)
-    p_shift = torch.zeros(3, requires_grad=True)
+    device = level.points.device
+    m0 = torch.from_numpy(matrix0.astype(np.float32)).to(device)
+    t0 = torch.from_numpy(translation0.astype(np.float32)).to(device)
+    p_matrix = torch.zeros(_STAGE_PARAMETERS[kind], device=device, requires_grad=True)
+    p_shift = torch.zeros(3, device=device, requires_grad=True)
 
     def current():
-        if rigid:
-            matrix = torch.linalg.matrix_exp(_skew(p_matrix / radius)) @ m0
-        else:
+        if kind == "affine":
             matrix = m0 + p_matrix / radius
+        else:
+            matrix = torch.linalg.matrix_exp(_skew(p_matrix[:3] / radius)) @ m0
+            if kind == "similarity":
+                matrix = torch.exp(p_matrix[3] / radius) * matrix
+            elif kind == "scaling":
+                matrix = matrix @ torch.diag(torch.exp(p_matrix[3:] / radius))
         return matrix, t0 + p_shift
 
     params = [p_matrix, p_shift]
@@ -286,7 +327,7 @@ def _run_stage(level: _LevelData, metric: str, matrix0: np.ndarray, translation0
         p_matrix.copy_(best[1])
         p_shift.copy_(best[2])
         matrix, translation = current()
-    return (matrix.double().numpy(), translation.double().numpy(), first, best[0])
+    return (matrix.double().cpu().numpy(), translation.double().cpu().numpy(), first, best[0])
 
 
 def _object_radius(volume: Volume, weights: np.ndarray, centre: np.ndarray) -> float:
@@ -313,6 +354,30 @@ def _object_radius(volume: Volume, weights: np.ndarray, centre: np.ndarray) -> f
         + np.outer(index_centre, index_centre)
     r2 = float(np.trace(linear @ cov @ linear.T))
     return float(max(np.sqrt(max(r2, 0.0)), 10.0))
+
+
+def affine_shape(matrix: np.ndarray) -> tuple[np.ndarray, float]:
+    """Scales and largest shear of a 3x3 matrix: ``M = Q U`` (QR, ``Q`` a rotation), the
+    scales are ``U``'s diagonal and the shears its off-diagonal terms over their row's scale
+    (ITK's and FSL's decomposition order: rotation, then scale, then shear)."""
+    q, u = np.linalg.qr(matrix)
+    signs = np.where(np.diag(u) < 0, -1.0, 1.0)
+    u = u * signs[:, None]
+    scales = np.diag(u).copy()
+    shear = u / scales[:, None] - np.eye(3)
+    return scales, float(np.abs(shear).max())
+
+
+def implausible(matrix: np.ndarray) -> str | None:
+    """Why an affine is not a plausible anatomical correspondence (a scale outside
+    :data:`PLAUSIBLE_SCALE`, a shear above :data:`MAX_SHEAR`), or None when it is."""
+    scales, shear = affine_shape(matrix)
+    low, high = PLAUSIBLE_SCALE
+    if scales.min() < low or scales.max() > high:
+        return (f"scales {np.round(scales, 3).tolist()} outside {low}-{high}")
+    if shear > MAX_SHEAR:
+        return f"shear {shear:.3f} above {MAX_SHEAR}"
+    return None
 
 
 def _check_plausible(matrix: np.ndarray) -> None:
@@ -384,8 +449,12 @@ def _prepare_moving(moving: Volume, moving_mask, settings: PrealignSettings
 
 def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, moving_mask=None,
                           metric: str = "auto", settings: PrealignSettings | None = None,
-                          prepared: FixedSide | None = None) -> PrealignResult:
-    """Centre-of-mass initialisation then multi-resolution rigid + affine optimisation.
+                          prepared: FixedSide | None = None,
+                          dof: int = DEFAULT_PREALIGN_DOF) -> PrealignResult:
+    """Centre-of-mass initialisation, a multi-start search, then multi-resolution rigid and
+    ``dof`` (6, 7, 9 or 12) optimisation; an implausible 9- or 12-dof result (see
+    :func:`implausible`) falls back to the similarity fit, then to the rigid one, with a
+    warning (recorded in ``result.fallback``).
 
     Returns a :class:`PrealignResult` whose ``affine`` maps FIXED world RAS mm to MOVING world RAS
     mm (pull direction). See :func:`prealign` for the arguments; ``prepared`` (from
@@ -396,6 +465,8 @@ def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, mov
     if metric not in METRICS:
         raise ValueError(f"unknown pre-alignment metric {metric!r}; choose one of {METRICS}")
     metric = "mi" if metric == "auto" else metric
+    if dof not in PREALIGN_DOFS:
+        raise ValueError(f"unknown pre-alignment dof {dof!r}; choose one of {PREALIGN_DOFS}")
     if len(settings.affine_iterations) != len(settings.spacings):
         raise ValueError("settings.affine_iterations needs one entry per spacing")
     if prepared is None:
@@ -417,10 +488,27 @@ def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, mov
                 np.round(translation, 1).tolist())
 
     rng = np.random.default_rng(settings.seed)
-    result = PrealignResult(affine=compose(matrix, translation, centre), metric=metric)
+    result = PrealignResult(affine=compose(matrix, translation, centre), metric=metric, dof=dof)
     with _torch_threads(settings.threads):
         matrix, translation = _optimise(prepared.levels, moving_levels, centre, radius, matrix,
-                                        translation, metric, settings, rng, result)
+                                        translation, metric, settings, rng, result,
+                                        kind=STAGE_OF_DOF[dof])
+        reason = implausible(matrix) if dof != 6 else None
+        if reason is not None:
+            rigid_matrix, rigid_translation = result.rigid
+            fallback = "rigid (6-dof)"
+            if dof != 7:
+                similar = _optimise(prepared.levels, moving_levels, centre, radius,
+                                    rigid_matrix, rigid_translation, metric, settings, rng,
+                                    result, kind="similarity", rigid_done=True)
+                if implausible(similar[0]) is None:
+                    fallback = "similarity (7-dof)"
+                    matrix, translation = similar
+            if fallback.startswith("rigid"):
+                matrix, translation = rigid_matrix, rigid_translation
+            result.fallback = f"the {dof}-dof fit was implausible ({reason}): the {fallback} fit " \
+                              "is used"
+            logger.warning("prealign: %s", result.fallback)
     _check_plausible(matrix)
     result.affine = compose(matrix, translation, centre)
     logger.info("prealign: final %s cost %.5f; affine (fixed -> moving, RAS mm):\n%s", metric,
@@ -432,10 +520,14 @@ def estimate_prealignment(fixed: Volume, moving: Volume, *, fixed_mask=None, mov
 def _optimise(fixed_levels: list, moving_levels: list, centre: np.ndarray, radius: float,
               matrix: np.ndarray, translation: np.ndarray, metric: str,
               settings: PrealignSettings, rng: np.random.Generator,
-              result: PrealignResult) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse-to-fine: rigid at the first usable level, then affine at every level. Appends each
-    stage's final cost to ``result.costs``; returns the final (M, t) about ``centre``."""
-    did_rigid = False
+              result: PrealignResult, kind: str = "affine", rigid_done: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse-to-fine: the start search and a rigid stage at the first usable level (unless
+    ``rigid_done``: ``matrix``, ``translation`` are already a rigid fit), then a ``kind`` stage
+    (see :data:`STAGE_OF_DOF`) at every level. Appends each stage's final cost to
+    ``result.costs`` and the rigid fit to ``result.rigid``; returns the final (M, t) about
+    ``centre``."""
+    did_rigid = rigid_done
     for spacing, n_affine, flevel, mlevel in zip(settings.spacings, settings.affine_iterations,
                                                  fixed_levels, moving_levels):
         if spacing > radius / settings.min_radius_voxels and spacing != min(settings.spacings):
@@ -448,26 +540,87 @@ def _optimise(fixed_levels: list, moving_levels: list, centre: np.ndarray, radiu
             continue
         # Steps are ~mm of displacement; for a small object cap them at 5 % of its radius.
         step = min(settings.step_fraction * spacing, 0.05 * radius)
-        stages = [] if did_rigid else [("rigid", settings.rigid_iterations)]
-        stages.append(("affine", n_affine))
-        for kind, iterations in stages:
-            matrix, translation, before, after = _run_stage(
-                level, metric, matrix, translation, radius, kind == "rigid", iterations, step,
-                settings.final_step_ratio)
-            result.costs.append((f"{spacing:g}mm-{kind}", after))
-            logger.info("prealign: level %g mm %s (%d samples, %d steps): %s %.5f -> %.5f",
-                        spacing, kind, level.points.shape[0], iterations, metric, before, after)
-        did_rigid = True
+        if not did_rigid:
+            if settings.search:
+                # the search ends with the rigid stage of every start it keeps
+                matrix, translation = _best_start(flevel, mlevel, level, centre, radius, matrix,
+                                                  translation, metric, settings, rng, step,
+                                                  result)
+            else:
+                matrix, translation, before, after = _run_stage(
+                    level, metric, matrix, translation, radius, "rigid",
+                    settings.rigid_iterations, step, settings.final_step_ratio)
+                result.costs.append((f"{spacing:g}mm-rigid", after))
+                logger.info("prealign: level %g mm rigid (%d samples, %d steps): %s %.5f -> "
+                            "%.5f", spacing, level.points.shape[0], settings.rigid_iterations,
+                            metric, before, after)
+            result.rigid = (matrix.copy(), translation.copy())
+            did_rigid = True
+        matrix, translation, before, after = _run_stage(
+            level, metric, matrix, translation, radius, kind, n_affine, step,
+            settings.final_step_ratio)
+        result.costs.append((f"{spacing:g}mm-{kind}", after))
+        logger.info("prealign: level %g mm %s (%d samples, %d steps): %s %.5f -> %.5f",
+                    spacing, kind, level.points.shape[0], n_affine, metric, before, after)
     if not did_rigid:
         raise InputDataError("fixed image is too small for affine pre-alignment; "
                              "use pre-alignment 'header'")
     return matrix, translation
 
 
+def _level_points(level: PyramidLevel) -> tuple[np.ndarray, np.ndarray]:
+    """World points (mm) and weights (intensity x usable weight) of a pyramid level's object."""
+    weights = (level.values * level.weight).ravel()
+    keep = weights > 0.05 * weights.max()
+    index = np.argwhere(keep.reshape(level.values.shape)).astype(np.float64)
+    return apply_affine(level.grid.affine, index), weights[keep].astype(np.float64)
+
+
+def _best_start(flevel: PyramidLevel, mlevel: PyramidLevel, level: _LevelData,
+                centre: np.ndarray, radius: float, matrix: np.ndarray, translation: np.ndarray,
+                metric: str, settings: PrealignSettings, rng: np.random.Generator, step: float,
+                result: PrealignResult) -> tuple[np.ndarray, np.ndarray]:
+    """The multi-start search (:mod:`.search`) on the coarsest usable level: candidate poses
+    scored with few samples, the best few (and the centre-of-mass start) refined by a rigid
+    stage; returns the pose whose refined cost is lowest and records it in ``result``."""
+    few = _level_data(flevel, mlevel, centre, metric,
+                      replace(settings, max_samples=settings.search_samples), rng)
+
+    def score(candidate: np.ndarray, shift: np.ndarray) -> tuple[float, float]:
+        with torch.no_grad():
+            loss, overlap = _loss(few, metric, torch.from_numpy((candidate @ matrix).astype(
+                np.float32)).to(few.points.device),
+                torch.from_numpy(shift.astype(np.float32)).to(few.points.device))
+        return float(loss), float(overlap)
+
+    fixed_points, fixed_weights = _level_points(flevel)
+    moving_points, moving_weights = _level_points(mlevel)
+    moments = search.moment_rotations(search.principal_axes(fixed_points, fixed_weights),
+                                      search.principal_axes(moving_points, moving_weights))
+    starts = search.search_starts(score, translation, radius=radius, moment_candidates=moments,
+                                  limit_deg=settings.search_limit_deg,
+                                  step_deg=settings.search_step_deg, keep=settings.search_keep)
+    refined = []
+    for start in starts:
+        fitted = _run_stage(level, metric, start.matrix @ matrix, start.translation, radius,
+                            "rigid", settings.rigid_iterations, step, settings.final_step_ratio)
+        refined.append((fitted[3], start, fitted[0], fitted[1]))
+        logger.info("prealign: start %s: %s %.5f (search) -> %.5f (rigid)", start.label, metric,
+                    start.cost, fitted[3])
+    cost, start, best_matrix, best_translation = min(refined, key=lambda item: item[0])
+    result.costs.append((f"{level.spacing:g}mm-rigid", cost))
+    result.start = start.label
+    result.starts = [{"label": s.label, "search_cost": round(s.cost, 6),
+                      "rigid_cost": round(c, 6)} for c, s, _, _ in refined]
+    logger.info("prealign: start %s chosen (%s %.5f)", start.label, metric, cost)
+    return best_matrix, best_translation
+
+
 def prealign(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREALIGN, *, fixed_mask=None,
              moving_mask=None, metric: str = "auto",
              settings: PrealignSettings | None = None,
-             prepared: FixedSide | None = None) -> np.ndarray:
+             prepared: FixedSide | None = None,
+             dof: int = DEFAULT_PREALIGN_DOF) -> np.ndarray:
     """World-space pre-alignment of ``moving`` to ``fixed``.
 
     Parameters
@@ -487,6 +640,8 @@ def prealign(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREALIGN, *, fix
         Pyramid and optimiser tuning.
     prepared : FixedSide, optional
         :func:`prepare_fixed` of this fixed image (cohorts: computed once).
+    dof : {6, 7, 9, 12}
+        Degrees of freedom of the fit (rigid, similarity, rigid + per-axis scale, affine).
 
     Returns
     -------
@@ -504,4 +659,5 @@ def prealign(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREALIGN, *, fix
     if mode != "affine":
         raise ValueError(f"unknown pre-alignment mode {mode!r}; choose one of {MODES}")
     return estimate_prealignment(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                 metric=metric, settings=settings, prepared=prepared).affine
+                                 metric=metric, settings=settings, prepared=prepared,
+                                 dof=dof).affine

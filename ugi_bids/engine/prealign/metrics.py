@@ -16,7 +16,7 @@ def bspline_memberships(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, 
     """
     u = values.clamp(0.0, 1.0) * (bins - 1)
     base = torch.floor(u).detach().clamp(0, bins - 2)
-    offsets = torch.arange(-1, 3, dtype=u.dtype)
+    offsets = torch.arange(-1, 3, dtype=u.dtype, device=u.device)
     distance = (u[:, None] - (base[:, None] + offsets[None, :])).abs()
     inner = (4.0 - 6.0 * distance ** 2 + 3.0 * distance ** 3) / 6.0
     outer = (2.0 - distance).clamp_min(0.0) ** 3 / 6.0
@@ -38,7 +38,8 @@ def mutual_information_loss(fixed_memberships: tuple[torch.Tensor, torch.Tensor]
     size = bins + 3
     flat_index = (f_index[:, :, None] * size + m_index[:, None, :]).reshape(-1)
     contrib = ((f_weight * weights[:, None])[:, :, None] * m_weight[:, None, :]).reshape(-1)
-    joint = torch.zeros(size * size, dtype=contrib.dtype).index_add(0, flat_index, contrib)
+    joint = torch.zeros(size * size, dtype=contrib.dtype, device=contrib.device).index_add(
+        0, flat_index, contrib)
     joint = joint.reshape(size, size) / weights.sum().clamp_min(1e-12)
     pf = joint.sum(dim=1, keepdim=True)
     pm = joint.sum(dim=0, keepdim=True)

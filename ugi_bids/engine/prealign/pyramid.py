@@ -96,6 +96,7 @@ class PyramidLevel:
     grid: Grid
     values: np.ndarray
     weight: np.ndarray
+    masked: bool = False
 
 
 def world_pyramid(volume: Volume, unit_data: np.ndarray, mask: np.ndarray | None,
@@ -118,7 +119,7 @@ def world_pyramid(volume: Volume, unit_data: np.ndarray, mask: np.ndarray | None
         weight = field_of_view(volume.grid, target)
         if mask is not None:
             weight *= resample_world(mask.astype(np.float32), volume.grid, target, order=1)
-        levels[i] = previous = PyramidLevel(target, values, weight)
+        levels[i] = previous = PyramidLevel(target, values, weight, masked=mask is not None)
     return [levels[i] for i in range(len(spacings))]
 
 
@@ -129,9 +130,12 @@ def sampling_region(level: PyramidLevel, margin_voxels: int = 2) -> np.ndarray:
     percentile) grown by ``margin_voxels`` lattice voxels so that its outline counts, within the
     field of view and mask. Background far from the object carries no information about the
     alignment and would only cost time. When no background can be told apart, every point inside
-    is used.
+    is used. A masked image (the user's mask, or a CT's body) is sampled all over its mask: the
+    mask says where the object is, dark parts included (lungs are as dark as the air around).
     """
     inside = level.weight > 0.5
+    if level.masked:
+        return inside
     values = level.values[inside]
     if values.size == 0:
         return inside
