@@ -101,6 +101,9 @@ def test_transform_sidecars_carry_provenance(first_run, setup):
     assert sidecar["IOIterations"] == 0 and sidecar["Sloppy"] is True
     assert "IOCheckpointing" not in sidecar  # no IO ran
     assert sidecar["PrealignMode"] == "affine" and sidecar["Device"] == "cpu"
+    assert sidecar["PrealignDOF"] == 12 and sidecar["Prealignment"]["DOF"] == 12
+    assert set(sidecar["Prealignment"]) == {"Metric", "FinalCost", "DOF", "Start", "Fallback",
+                                            "Scales", "MaxShear"}
     weights_sha = hashlib.sha256(Path(setup["weights"]).read_bytes()).hexdigest()
     assert sidecar["WeightsSHA256"] == weights_sha
     assert sidecar["Sources"][0] == "bids:raw:sub-02/anat/sub-02_T1w.nii.gz"

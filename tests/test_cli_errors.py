@@ -167,6 +167,20 @@ def test_usage_errors_exit_2(in_tmp, good_image, capsys):
     assert not (in_tmp / "out").exists()
 
 
+def test_prealign_dof_outside_its_choices_exits_2(in_tmp, good_image, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli_register.main(["--fixed", good_image, "--moving", good_image,
+                           "--fixed-modality", "mri", "--moving-modality", "mri",
+                           "--out-prefix", "out/pair", "--prealign-dof", "5"])
+    assert stopped.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "argument --prealign-dof: invalid choice: 5 (choose from 6, 7, 9, 12)" in stderr
+    assert not (in_tmp / "out").exists()
+    assert cli_register.build_parser().parse_args(
+        ["--fixed", "f", "--moving", "m", "--fixed-modality", "mri", "--moving-modality", "mri",
+         "--out-prefix", "p"]).prealign_dof == 12
+
+
 # --------------------------------------------------------------------------- ugi-warp
 
 def _warp_args(reference, moving, out, *extra):

@@ -124,6 +124,7 @@ def test_defaults(site):
             config.prealign, config.device, config.gpu_procs) == \
         ("unigradicon", None, 50, "lncc", "affine", "auto", 1)
     assert config.precision == "float32" and config.io_checkpointing == "auto"
+    assert config.prealign_dof == 12
     assert (config.nprocs, config.omp_nthreads, config.mem_gb, config.plugin) == \
         (None, None, None, None)
     assert (config.sloppy, config.skip_bids_validation, config.clean_workdir,
@@ -150,8 +151,8 @@ def test_every_flag(site, tmp_path):
         "--sloppy", "-w", "scratch", "--clean-workdir", "--stop-on-first-crash",
         "--resource-monitor", "--boilerplate-only", "--notrack", "-vv",
         "--model", "multigradicon", "--weights", str(weights), "--io-iterations", "0",
-        "--io-similarity", "mind", "--prealign", "header", "--device", "cpu",
-        "--precision", "tf32", "--io-checkpointing", "off", "--gpu-procs", "2",
+        "--io-similarity", "mind", "--prealign", "header", "--prealign-dof", "9",
+        "--device", "cpu", "--precision", "tf32", "--io-checkpointing", "off", "--gpu-procs", "2",
         "--template", "study=tpl.nii.gz,mask=mask.nii.gz")
     assert config.participant_label == ["01", "02"] and config.session_label == ["A", "B"]
     assert config.bids_filters == {"t1w": {"acq": "mprage", "rec": None}}
@@ -172,6 +173,7 @@ def test_every_flag(site, tmp_path):
             config.prealign, config.device, config.gpu_procs) == \
         ("multigradicon", weights, 0, "mind", "header", "cpu", 2)
     assert config.precision == "tf32" and config.io_checkpointing == "off"
+    assert config.prealign_dof == 9
     assert json.loads(json.dumps(config.to_dict()))["weights"] == str(weights)  # provenance
 
 
@@ -181,6 +183,15 @@ def test_reports_only_is_refused(site, capsys):
     assert code == 2 and line == ("ugi-bids: error: --reports-only: reports are not "
                                   "implemented yet; run without it")
     assert snapshot(site) == before
+
+
+@pytest.mark.parametrize("dof", [6, 7, 9, 12])
+def test_every_prealign_dof_is_accepted(site, dof):
+    assert parse("--prealign-dof", str(dof)).prealign_dof == dof
+    path = write(site / "ugi.toml", f"[workflow]\nprealign_dof = {dof}\n")
+    assert parse("--config-file", path).prealign_dof == dof
+    other = 6 if dof != 6 else 12  # the command line overrides the file
+    assert parse("--config-file", path, "--prealign-dof", str(other)).prealign_dof == other
 
 
 def test_parse_args_or_exit(site, capsys):
@@ -284,6 +295,9 @@ def test_bad_memory(site, capsys, text):
     (["--model", "voxelmorph"], "--model"),
     (["--io-similarity", "mse"], "--io-similarity"),
     (["--prealign", "rigid"], "--prealign"),
+    (["--prealign-dof", "5"], "--prealign-dof: invalid choice: 5 (choose from 6, 7, 9, 12)"),
+    (["--prealign-dof", "rigid"], "--prealign-dof: invalid int value: 'rigid'"),
+    (["--prealign-dof", "12.0"], "--prealign-dof: invalid int value"),
     (["--device", "tpu"], "--device"),
     (["--precision", "bf16"], "--precision"),
     (["--io-checkpointing", "maybe"], "--io-checkpointing"),
@@ -580,6 +594,11 @@ plugin = {plugin = "multiproc", plugin_args = {n_procs = 3, memory_gb = 6}}
     ("[nipype]\nmem_gb = '16G'", "[nipype] mem_gb must be a number of GB above zero"),
     ("[workflow]\nsloppy = 'yes'", "true or false"),
     ("[workflow]\nprealign = ['affine', 'none']", "[workflow] prealign must be a string"),
+    ("[workflow]\nprealign_dof = 5", "[workflow] prealign_dof must be one of 6, 7, 9, 12, got 5"),
+    ("[workflow]\nprealign_dof = '12'",
+     "[workflow] prealign_dof must be one of 6, 7, 9, 12, got \"12\""),
+    ("[workflow]\nprealign_dof = 12.0", "[workflow] prealign_dof must be one of 6, 7, 9, 12"),
+    ("[workflow]\nprealign_dof = true", "[workflow] prealign_dof must be one of 6, 7, 9, 12"),
     ("[nipype]\ndevice = 'gpu'", "[nipype] device must be one of auto, cpu, cuda"),
     ("[workflow]\noutput_spaces = [[1]]", "a list of strings"),
     ("[workflow]\noutput_spaces = ['MNI152NLin6Asym:den-91k']", "output_spaces: invalid space"),
@@ -720,6 +739,7 @@ def test_choices_are_the_engines():
     for parser in (cli.build_parser(), build_register_parser()):
         assert _choices(parser, "model") == options.MODELS
         assert _choices(parser, "prealign") == options.PREALIGN_MODES
+        assert _choices(parser, "prealign_dof") == options.PREALIGN_DOFS
         assert _choices(parser, "io_similarity") == options.SIMILARITIES
         assert _choices(parser, "precision") == options.PRECISIONS
         assert _choices(parser, "io_checkpointing") == tuple(options.IO_CHECKPOINTING)
@@ -767,6 +787,8 @@ def test_defaults_are_the_engines():
         if name != "prealign":  # the node's is Prealign.mode, checked below
             assert getattr(node, name) == value, name
     assert interfaces.Prealign().inputs.mode == options.DEFAULT_PREALIGN
+    assert (config.prealign_dof, register_defaults["prealign_dof"],
+            interfaces.Prealign().inputs.dof) == (options.DEFAULT_PREALIGN_DOF,) * 3
     assert register_defaults["masking"] == options.DEFAULT_MASKING
     assert interfaces.ApplyTransform().inputs.interpolation == options.DEFAULT_INTERPOLATION
     init = inspect.signature(Registrar.__init__).parameters
@@ -776,9 +798,10 @@ def test_defaults_are_the_engines():
         options.DEFAULT_MODEL, options.DEFAULT_DEVICE, options.DEFAULT_PRECISION,
         options.DEFAULT_IO_CHECKPOINTING)
     assert (register["prealign"].default, register["io_similarity"].default,
-            register["masking"].default, register["fixed_modality"].default) == (
+            register["masking"].default, register["fixed_modality"].default,
+            register["prealign_dof"].default) == (
         options.DEFAULT_PREALIGN, options.DEFAULT_SIMILARITY, options.DEFAULT_MASKING,
-        options.DEFAULT_MODALITY)
+        options.DEFAULT_MODALITY, options.DEFAULT_PREALIGN_DOF)
 
 
 def test_errors_are_ugi_errors():

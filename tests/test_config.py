@@ -77,7 +77,8 @@ EVERYTHING = (
     "--anat-suffixes", "T1w", "T2w", "--output-spaces", "MNI152NLin6Asym:res-2",
     "MNIPediatricAsym:cohort-3", "--template", "study=tpl.nii.gz,mask=mask.nii.gz",
     "--model", "multigradicon", "--weights", "w.trch", "--io-iterations", "7",
-    "--io-similarity", "mind", "--prealign", "header", "--device", "cpu", "--precision", "tf32",
+    "--io-similarity", "mind", "--prealign", "header", "--prealign-dof", "7", "--device", "cpu",
+    "--precision", "tf32",
     "--io-checkpointing", "on", "--gpu-procs", "2", "--sloppy", "--nprocs", "8",
     "--omp-nthreads", "2", "--mem", "12G", "--use-plugin", "plugin.yml", "-w", "scratch",
     "--clean-workdir", "--stop-on-first-crash", "--resource-monitor", "--boilerplate-only",
@@ -93,7 +94,7 @@ def test_every_field_is_in_one_section():
     assert list(SECTIONS) == ["execution", "workflow", "nipype"]
     assert {"run_uuid", "verbose", "work_dir", "bids_dir"} <= set(SECTIONS["execution"])
     assert {"output_spaces", "templates", "model", "weights", "io_iterations",
-            "sloppy", "subject_anatomical_reference", "template_iterations",
+            "prealign", "prealign_dof", "sloppy", "subject_anatomical_reference", "template_iterations",
             "template_gradient_step", "template_average",
             "build_template"} <= set(SECTIONS["workflow"])
     assert set(SECTIONS["nipype"]) == {"nprocs", "omp_nthreads", "mem_gb", "plugin",
@@ -118,6 +119,7 @@ def test_toml_round_trip(site):
         "template_average")} == {"subject_anatomical_reference": "unbiased",
                                  "template_iterations": 2, "template_gradient_step": 0.5,
                                  "template_average": "median"}
+    assert tables["workflow"]["prealign_dof"] == 7 and config.prealign_dof == 7
     assert Config.from_toml(text) == config
     default = parse()
     assert Config.from_toml(default.to_toml()) == default
@@ -126,6 +128,7 @@ def test_toml_round_trip(site):
     assert (written["subject_anatomical_reference"], written["template_iterations"],
             written["template_gradient_step"], written["template_average"]) == \
         ("sessionwise", 4, 0.25, "mean")
+    assert written["prealign_dof"] == 12 and default.prealign_dof == 12
 
 
 def test_toml_round_trip_of_a_study_template(site):
@@ -194,6 +197,7 @@ def test_read_settings_only_what_is_given(site):
     assert read_settings("") == {}
     assert read_settings('[workflow]\nio_iterations = 0\n[nipype]\nmem_gb = 2\n') == {
         "io_iterations": 0, "mem_gb": 2.0}
+    assert read_settings("[workflow]\nprealign_dof = 6\n") == {"prealign_dof": 6}
     assert read_settings('[execution]\nparticipant_label = "sub-01"\n') == {
         "participant_label": ["01"]}
     assert read_settings('[workflow]\ntemplate_gradient_step = 1\nbuild_template = "ab1"\n'
@@ -213,6 +217,10 @@ def test_read_settings_only_what_is_given(site):
      "run.toml: [workflow] template_gradient_step must be a number in (0, 1], got true"),
     ("[workflow]\ntemplate_gradient_step = 1.5\n",
      "run.toml: [workflow] template_gradient_step: must be a number in (0, 1], got 1.5"),
+    ("[workflow]\nprealign_dof = 5\n",
+     "run.toml: [workflow] prealign_dof must be one of 6, 7, 9, 12, got 5"),
+    ("[workflow]\nprealign_dof = 'rigid'\n",
+     'run.toml: [workflow] prealign_dof must be one of 6, 7, 9, 12, got "rigid"'),
     ("[workflow]\ntemplate_average = 'max'\n",
      'run.toml: [workflow] template_average must be one of mean, median, got "max"'),
     ("[workflow]\nbuild_template = 'my-template'\n",

@@ -87,7 +87,8 @@ def write_session(out: Path, bids: Path, participant: str, session: str = "", *,
             stem.parent.mkdir(parents=True, exist_ok=True)
             stem.with_suffix(".h5").write_bytes(b"\x89HDF")
             meta = {"Sources": [f"bids:raw:{prefix}_T1w.nii.gz"], "Model": "unigradicon",
-                    "WeightsSHA256": "0" * 64, "PrealignMode": "affine", "Sloppy": True,
+                    "WeightsSHA256": "0" * 64, "PrealignMode": "affine", "PrealignDOF": 12,
+                    "Sloppy": True,
                     "Device": "cpu", "RegistrationSeconds": seconds(prefix, space),
                     "FoldedVoxelFraction": 0.001, "SimilarityMetric": "NCC",
                     "Similarity": 0.5 + len(space) / 100}
@@ -146,7 +147,7 @@ def test_complete_dataset_tables(dataset, capsys):
     registrations = read(out / "group_registrations.tsv")
     assert list(registrations.columns) == [
         "participant_id", "session_id", "suffix", "space", "folded_fraction", "similarity",
-        "similarity_metric", "prealign", "device", "seconds"]
+        "similarity_metric", "prealign", "prealign_dof", "device", "seconds"]
     keys = [tuple(row) for row in registrations[["participant_id", "session_id", "space"]]
             .fillna("n/a").itertuples(index=False)]
     assert keys == [("sub-01", "ses-1", SPACES[0]), ("sub-01", "ses-1", SPACES[1]),
@@ -154,6 +155,7 @@ def test_complete_dataset_tables(dataset, capsys):
                     ("sub-02", "n/a", SPACES[0]), ("sub-02", "n/a", SPACES[1])]
     assert (registrations["suffix"] == "T1w").all()
     assert (registrations["prealign"] == "affine").all()
+    assert (registrations["prealign_dof"] == 12).all()
     assert (registrations["similarity_metric"] == "NCC").all()
     assert (registrations["device"] == "cpu").all()
     assert registrations["folded_fraction"].tolist() == [0.001] * 6
@@ -387,7 +389,7 @@ def test_group_level_through_the_command_line(dataset, tmp_path, monkeypatch, ca
     bids, out = dataset
     monkeypatch.chdir(tmp_path)
     assert main([str(bids), str(out), "group"]) == 0
-    assert read(out / "group_registrations.tsv").shape == (6, 10)
+    assert read(out / "group_registrations.tsv").shape == (6, 11)
     empty = tmp_path / "empty"
     empty.mkdir()
     capsys.readouterr()

@@ -189,3 +189,35 @@ def test_itk_reads_our_transforms_like_we_do(registered, hard_pair):
     # measured 1.8e-6 of the moving image's intensity range (float32 rounding)
     error, scale = _max_error(ours.data, theirs, load_volume(hard_pair["moving"]).data)
     assert error <= 1e-4 * scale, (error, scale)
+
+
+def test_register_prealign_dof_6_gives_a_rigid_prealignment(tmp_path):
+    """``ugi-register --prealign-dof 6``: the summary holds the fit's report (6 dof) beside the
+    pre-alignment affine, which is rigid although the moving brain is another, larger one."""
+    fixed = realdata.downsampled(load_volume(realdata.mni2009c_brain_path()), 4.0)
+    moving = realdata.downsampled(load_volume(realdata.fsl_mni_brain_path()), 4.0)
+    change = np.eye(4)
+    change[:3, :3] = 1.1 * realdata.rotation_matrix((10.0, 0.0, -6.0))
+    change[:3, 3] = (12.0, -7.0, 5.0)
+    paths = {name: str(tmp_path / f"{name}.nii.gz") for name in ("fixed", "moving")}
+    nib.save(fixed.to_nifti(), paths["fixed"])
+    nib.save(realdata.reheader(moving, change).to_nifti(), paths["moving"])
+    weights = write_random_checkpoint(tmp_path / "Step_2_final.trch", seed=5,
+                                      lastconv_scale=0.0)  # the deformable step is the identity
+    prefix = str(tmp_path / "out" / "pair")
+    code = register_main(["--fixed", paths["fixed"], "--moving", paths["moving"],
+                          "--fixed-modality", "mri", "--moving-modality", "mri",
+                          "--out-prefix", prefix, "--weights", weights, "--network-size", "65",
+                          "--io-iterations", "0", "--prealign-dof", "6", "-q"])
+    assert code == 0
+    summary = json.loads(Path(f"{prefix}_summary.json").read_text())
+    report = summary["prealign"]
+    assert report["dof"] == 6 and report["metric"] == "mi" and report["fallback"] is None
+    assert set(report) == {"metric", "final_cost", "dof", "start", "fallback", "scales",
+                           "max_shear"}
+    assert summary["settings"]["prealign"] == "affine"
+    assert summary["settings"]["prealign_dof"] == 6
+    assert "prealign_report" not in summary["settings"]  # once, beside the affine
+    affine = np.array(summary["prealign_affine_ras"])
+    assert np.abs(np.linalg.svd(affine[:3, :3], compute_uv=False) - 1.0).max() < 1e-3
+    assert np.allclose(report["scales"], 1.0, atol=1e-3)

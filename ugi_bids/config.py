@@ -50,6 +50,7 @@ from .engine.options import (
     DEFAULT_MODEL,
     DEFAULT_NETWORK_SIZE,
     DEFAULT_PREALIGN,
+    DEFAULT_PREALIGN_DOF,
     DEFAULT_PRECISION,
     DEFAULT_SIMILARITY,
     DEFAULT_TEMPLATE_AVERAGE,
@@ -60,6 +61,7 @@ from .engine.options import (
     IO_CHECKPOINTING,
     IO_STEPS,
     MODELS,
+    PREALIGN_DOFS,
     PREALIGN_MODES,
     PRECISIONS,
     SIMILARITIES,
@@ -198,6 +200,7 @@ class Config:
     io_iterations: int = IO_STEPS
     io_similarity: str = DEFAULT_SIMILARITY
     prealign: str = DEFAULT_PREALIGN
+    prealign_dof: int = DEFAULT_PREALIGN_DOF  # degrees of freedom of the affine pre-alignment
     device: str = DEFAULT_DEVICE
     precision: str = DEFAULT_PRECISION
     io_checkpointing: str = DEFAULT_IO_CHECKPOINTING
@@ -334,7 +337,8 @@ SECTIONS: dict[str, dict[str, _Key]] = {
         "output_spaces": _Key("spaces"), "templates": _Key("templates"),
         "model": _Key("str", MODELS), "weights": _Key("path"),
         "io_iterations": _Key("int"), "io_similarity": _Key("str", SIMILARITIES),
-        "prealign": _Key("str", PREALIGN_MODES), "precision": _Key("str", PRECISIONS),
+        "prealign": _Key("str", PREALIGN_MODES), "prealign_dof": _Key("int", PREALIGN_DOFS),
+        "precision": _Key("str", PRECISIONS),
         "io_checkpointing": _Key("str", tuple(IO_CHECKPOINTING)), "sloppy": _FLAG,
         "atlases": _Key("atlases"), "atlas_libraries": _Key("libraries"),
         "label_fusion": _Key("str", FUSION_METHODS),
@@ -405,6 +409,9 @@ def _convert(value: Any, key: _Key, where: str) -> Any:
             raise fail("true or false")
         return value
     if kind == "int":
+        if key.choices and (isinstance(value, bool) or not isinstance(value, int)
+                            or value not in key.choices):
+            raise fail(f"one of {', '.join(map(str, key.choices))}")
         if isinstance(value, bool) or not isinstance(value, int) or value < key.minimum:
             raise fail(f"an integer >= {key.minimum}")
         return value

@@ -70,6 +70,7 @@ from ..config import (
 from ..engine.options import (
     ANATOMICAL_REFERENCES,
     DEFAULT_ANATOMICAL_REFERENCE,
+    DEFAULT_PREALIGN_DOF,
     DEFAULT_TEMPLATE_AVERAGE,
     DEFAULT_TEMPLATE_GRADIENT_STEP,
     DEFAULT_TEMPLATE_ITERATIONS,
@@ -77,6 +78,7 @@ from ..engine.options import (
     FUSION_METHODS,
     IO_CHECKPOINTING,
     MODELS,
+    PREALIGN_DOFS,
     PREALIGN_MODES,
     PRECISIONS,
     SIMILARITIES,
@@ -346,6 +348,10 @@ def _add_registration(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prealign", dest="prealign", choices=PREALIGN_MODES,
                        help="world-space pre-alignment: none (voxel-grid correspondence, as the "
                             "published tool), header (trust the headers), affine (default)")
+    group.add_argument("--prealign-dof", dest="prealign_dof", type=int, choices=PREALIGN_DOFS,
+                       help="degrees of freedom of the affine pre-alignment: 6 (rigid), 7 "
+                            "(similarity), 9 (rigid + per-axis scales) or 12 (full affine) "
+                            f"(default: {DEFAULT_PREALIGN_DOF})")
     group.add_argument("--device", dest="device", choices=DEVICES,
                        help="where the network runs: auto (a GPU when one is visible; "
                             "default), cpu or cuda")

@@ -8,7 +8,9 @@ writes, all or nothing:
   (maps fixed-space points to moving-space points); ANTs/ITK composite, LPS mm.
 * ``P_from-fixed_to-moving_mode-image_xfm.h5``: the inverse direction.
 * ``P_warped.nii.gz``: the moving image on the fixed grid (linear interpolation).
-* ``P_summary.json``: model, weights SHA-256, settings, timings, folded-voxel fraction.
+* ``P_summary.json``: model, weights SHA-256, settings, the pre-alignment affine and the report
+  of its fit (``prealign``: metric, final cost, degrees of freedom, winning start, fallback,
+  scales, largest shear; null unless ``--prealign affine``), timings, folded-voxel fraction.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..engine.options import (
     DEFAULT_MODEL,
     DEFAULT_NETWORK_SIZE,
     DEFAULT_PREALIGN,
+    DEFAULT_PREALIGN_DOF,
     DEFAULT_PRECISION,
     DEFAULT_SIMILARITY,
     INTERPOLATIONS,
@@ -41,6 +44,7 @@ from ..engine.options import (
     MASKING_MODES,
     MODALITIES,
     MODELS,
+    PREALIGN_DOFS,
     PREALIGN_MODES,
     PRECISIONS,
     SIMILARITIES,
@@ -92,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--prealign", choices=PREALIGN_MODES, default=DEFAULT_PREALIGN,
                      help="world-space pre-alignment: none (voxel-grid correspondence, as the "
                           "published tool), header (trust the headers), affine (default)")
+    reg.add_argument("--prealign-dof", type=int, choices=PREALIGN_DOFS,
+                     default=DEFAULT_PREALIGN_DOF,
+                     help="degrees of freedom of the affine pre-alignment: 6 (rigid), 7 "
+                          "(similarity), 9 (rigid + per-axis scales) or 12 (full affine, "
+                          f"default {DEFAULT_PREALIGN_DOF})")
     reg.add_argument("--io-iterations", "--io_iterations", type=_io_steps, default=IO_STEPS,
                      help=f"instance-optimisation steps (default {IO_STEPS}; 0 or None = off)")
     reg.add_argument("--io-checkpointing", choices=tuple(IO_CHECKPOINTING),
@@ -172,9 +181,14 @@ def run_register(args: argparse.Namespace) -> dict:
     result = registrar.register(
         fixed, moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
         fixed_mask=fixed_mask, moving_mask=moving_mask, masking=args.masking,
-        prealign=args.prealign, io_iterations=args.io_iterations,
-        io_similarity=args.io_similarity, io_learning_rate=args.io_lr)
+        prealign=args.prealign, prealign_dof=args.prealign_dof,
+        io_iterations=args.io_iterations, io_similarity=args.io_similarity,
+        io_learning_rate=args.io_lr)
     timings = dict(result.timings)
+    settings = dict(result.settings)
+    # the affine fit's report goes beside its affine, not among the settings
+    prealign_report = settings.pop("prealign_report", None)
+    settings["prealign_dof"] = args.prealign_dof if args.prealign == "affine" else None
 
     with staged_outputs(out_folder) as staged:
         start = time.perf_counter()
@@ -208,8 +222,9 @@ def run_register(args: argparse.Namespace) -> dict:
             "fixed": os.path.abspath(args.fixed),
             "moving": os.path.abspath(args.moving),
             "weights": registrar.weights.as_dict(),
-            "settings": result.settings,
+            "settings": settings,
             "prealign_affine_ras": np.round(result.prealign, 8).tolist(),
+            "prealign": prealign_report,
             "outputs": {k: os.path.basename(v) for k, v in paths.items()},
             "directions": {
                 "forward": "maps fixed-space points to moving-space points; resamples the "

@@ -21,8 +21,9 @@ import nibabel as nib
 import numpy as np
 
 from ..engine.formats.staging import staged_outputs
-from ..engine.options import (DEFAULT_DEVICE, DEFAULT_IO_CHECKPOINTING, DEFAULT_MODEL,
-                              DEFAULT_NETWORK_SIZE, DEFAULT_PRECISION, DEFAULT_SIMILARITY, IO_LEARNING_RATE, IO_STEPS)
+from ..engine.options import (DEFAULT_DEVICE, DEFAULT_IO_CHECKPOINTING, DEFAULT_MODALITY,
+                              DEFAULT_MODEL, DEFAULT_NETWORK_SIZE, DEFAULT_PREALIGN_DOF,
+                              DEFAULT_PRECISION, DEFAULT_SIMILARITY, IO_LEARNING_RATE, IO_STEPS)
 from ..engine.preprocess import binarise_mask, preprocess
 from ..engine.spatial.transforms import TransformChain, WorldTransform, compose
 from ..engine.spatial.volume import Volume, load_volume
@@ -47,11 +48,22 @@ def normalise_image(in_file: str, modality: str, out_file: str, mask_file: str |
 
 def prealign_images(fixed_file: str, moving_file: str, mode: str, out_file: str, *,
                     network_size: int, fixed_mask_file: str | None = None,
-                    moving_mask_file: str | None = None) -> str:
+                    moving_mask_file: str | None = None, dof: int = DEFAULT_PREALIGN_DOF,
+                    fixed_modality: str = DEFAULT_MODALITY,
+                    moving_modality: str = DEFAULT_MODALITY,
+                    report_file: str | None = None) -> tuple[str, dict | None]:
     """Estimate the pre-alignment of two normalised images and write it as an affine-only ITK
-    transform (``out_file``, .h5): it maps FIXED-space points to MOVING-space points."""
+    transform (``out_file``, .h5): it maps FIXED-space points to MOVING-space points.
+
+    ``dof`` (6, 7, 9, 12) is that of the ``affine`` fit; the modalities choose where it looks
+    in an image without a mask (a CT's body). Returns ``(out_file, report)``: the fit's report
+    (:func:`~ugi_bids.engine.registrar.prealignment_report`; None for ``header`` and
+    ``none``), also written as JSON to ``report_file`` when given (``null`` when None), with
+    the .h5, all or nothing."""
+    import json
+
     from ..engine.formats.itk import write_composite_h5
-    from ..engine.registrar import prealignment
+    from ..engine.registrar import prealignment_report
 
     fixed, moving = load_volume(fixed_file), load_volume(moving_file)
     masks = {}
@@ -60,10 +72,35 @@ def prealign_images(fixed_file: str, moving_file: str, mode: str, out_file: str,
     if moving_mask_file:
         masks["moving_mask"] = binarise_mask(load_volume(moving_mask_file, "mask"), moving,
                                              "moving mask")
-    affine = prealignment(fixed, moving, mode, network_size=network_size, **masks)
-    with staged_outputs(os.path.dirname(os.path.abspath(out_file))) as staged:
+    affine, report = prealignment_report(fixed, moving, mode, network_size=network_size,
+                                         dof=dof, fixed_modality=fixed_modality,
+                                         moving_modality=moving_modality, **masks)
+    common = os.path.dirname(os.path.abspath(out_file))
+    if report_file:
+        common = os.path.commonpath([common, os.path.dirname(os.path.abspath(report_file))])
+    with staged_outputs(common) as staged:
         write_composite_h5(WorldTransform(affine), staged.stage(out_file))
-    return out_file
+        if report_file:
+            with open(staged.stage(report_file), "w") as handle:
+                json.dump(report, handle, indent=2)
+    return out_file, report
+
+
+#: BIDS-style sidecar keys of the pre-alignment report's fields.
+PREALIGNMENT_KEYS = {"metric": "Metric", "final_cost": "FinalCost", "dof": "DOF",
+                     "start": "Start", "fallback": "Fallback", "scales": "Scales",
+                     "max_shear": "MaxShear"}
+
+
+def prealignment_metadata(report: dict | None) -> dict | None:
+    """The pre-alignment report (:func:`prealign_images`) with BIDS-style keys, for a sidecar's
+    ``Prealignment``: ``{"Metric": "mi", "FinalCost": ..., "DOF": 12, "Start": "com",
+    "Fallback": null, "Scales": [...], "MaxShear": ...}``; None for no report (or an empty
+    one: ``header``, ``none``)."""
+    if not report:
+        return None
+    return {PREALIGNMENT_KEYS.get(key, "".join(part.capitalize() for part in key.split("_"))):
+            value for key, value in report.items()}
 
 
 @functools.lru_cache(maxsize=2)
@@ -249,7 +286,8 @@ def region_volumes_file(labels_file: str, table_file: str, out_file: str,
 
 def warp_library(target_file: str, images: list[str], labels: list[str], out_dir: str, *,
                  target_modality: str = "mri", modalities: list[str] | None = None,
-                 prealign: str = "affine", model: str = DEFAULT_MODEL,
+                 prealign: str = "affine", prealign_dof: int = DEFAULT_PREALIGN_DOF,
+                 model: str = DEFAULT_MODEL,
                  weights: str | None = None, device: str = DEFAULT_DEVICE,
                  precision: str = DEFAULT_PRECISION,
                  io_checkpointing: str = DEFAULT_IO_CHECKPOINTING,
@@ -262,7 +300,9 @@ def warp_library(target_file: str, images: list[str], labels: list[str], out_dir
     target grid: intensities trilinearly, labels with ``GenericLabel``.
 
     Returns (warped images, warped labels, one provenance dict per library image), files in
-    ``out_dir`` named by position (``library-000_...``)."""
+    ``out_dir`` named by position (``library-000_...``); a provenance entry holds the
+    pre-alignment's report (``Prealignment``, :func:`prealignment_metadata`) when ``prealign``
+    is ``affine``."""
     import torch
 
     from ..engine.spatial.warp import apply_transform
@@ -287,8 +327,8 @@ def warp_library(target_file: str, images: list[str], labels: list[str], out_dir
 
         results = registrar.register_many(
             target, library_volumes(), fixed_modality=target_modality,
-            moving_modality=modality, prealign=prealign, io_iterations=io_iterations,
-            io_similarity=io_similarity)
+            moving_modality=modality, prealign=prealign, prealign_dof=prealign_dof,
+            io_iterations=io_iterations, io_similarity=io_similarity)
         for i, result in zip(chosen, results):
             image = loaded.pop(i)
             label_map = load_volume(labels[i], "library label map")
@@ -299,9 +339,13 @@ def warp_library(target_file: str, images: list[str], labels: list[str], out_dir
             stem_i = os.path.join(out_dir, f"library-{i:03d}")
             warped_images.append((i, _save(warped_image, f"{stem_i}_image.nii.gz")))
             warped_labels.append((i, _save_labels(warped_label, f"{stem_i}_dseg.nii.gz")))
-            provenance.append((i, {"Image": images[i], "Labels": labels[i],
-                                   "Seconds": round(sum(result.timings.values()), 3),
-                                   "Device": str(registrar.device)}))
+            entry = {"Image": images[i], "Labels": labels[i],
+                     "Seconds": round(sum(result.timings.values()), 3),
+                     "Device": str(registrar.device)}
+            prealignment = prealignment_metadata(result.settings.get("prealign_report"))
+            if prealignment:
+                entry["Prealignment"] = prealignment
+            provenance.append((i, entry))
     order = lambda pairs: [value for _, value in sorted(pairs, key=lambda p: p[0])]  # noqa: E731
     return order(warped_images), order(warped_labels), order(provenance)
 
@@ -415,6 +459,8 @@ def build_template_files(in_files: list[str], out_dir: str, *, modality: str = "
         "Device": str(registrar.device),
         "Precision": registrar.precision,
         "PrealignMode": prealign,
+        # the engine's template build fits its pre-alignments with the default dof
+        "PrealignDOF": DEFAULT_PREALIGN_DOF if prealign == "affine" else None,
         "TemplateIOIterations": int(io_iterations),
         "IOIterations": int(result.settings["final_io_iterations"]),
         "IOSimilarity": io_similarity,

@@ -82,6 +82,8 @@ class _WarpLibraryInputSpec(BaseInterfaceInputSpec):
     labels = InputMultiObject(File(exists=True), mandatory=True, desc="library label maps")
     modalities = traits.List(traits.Str, desc="intensity model of each library image")
     prealign = _choice(options.DEFAULT_PREALIGN, options.PREALIGN_MODES)
+    prealign_dof = _choice(options.DEFAULT_PREALIGN_DOF, options.PREALIGN_DOFS,
+                           desc="degrees of freedom of the affine pre-alignment")
     model = _choice(options.DEFAULT_MODEL, options.MODELS)
     weights = File(exists=True, desc="weights file (default: the cache)")
     device = traits.Str(options.DEFAULT_DEVICE, usedefault=True)
@@ -115,7 +117,8 @@ class WarpLibrary(SimpleInterface):
          self._results["provenance"]) = files.warp_library(
             self.inputs.target, list(self.inputs.images), list(self.inputs.labels), runtime.cwd,
             target_modality=self.inputs.target_modality, modalities=modalities,
-            prealign=self.inputs.prealign, model=self.inputs.model, weights=weights,
+            prealign=self.inputs.prealign, prealign_dof=self.inputs.prealign_dof,
+            model=self.inputs.model, weights=weights,
             device=self.inputs.device, precision=self.inputs.precision,
             io_checkpointing=self.inputs.io_checkpointing,
             network_size=self.inputs.network_size, io_iterations=self.inputs.io_iterations,

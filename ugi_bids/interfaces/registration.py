@@ -63,23 +63,38 @@ class _PrealignInputSpec(BaseInterfaceInputSpec):
     network_size = traits.Int(options.DEFAULT_NETWORK_SIZE, usedefault=True,
                               desc="network grid (used by mode none)")
     fixed_mask = File(exists=True, desc="mask of the fixed image (restricts the affine fit)")
+    dof = _choice(options.DEFAULT_PREALIGN_DOF, options.PREALIGN_DOFS,
+                  desc="degrees of freedom of the affine fit")
+    fixed_modality = _choice(options.DEFAULT_MODALITY, options.MODALITIES,
+                             desc="intensity model of the fixed image (a CT: its body)")
+    moving_modality = _choice(options.DEFAULT_MODALITY, options.MODALITIES,
+                              desc="intensity model of the moving image (a CT: its body)")
 
 
 class _PrealignOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="affine .h5 mapping fixed points to moving points")
+    report_file = File(exists=True, desc="the fit's report as JSON (null unless mode affine)")
+    report = traits.Dict(desc="the fit's report: metric, final cost, dof, start, fallback, "
+                              "scales, largest shear (empty unless mode affine)")
 
 
 class Prealign(SimpleInterface):
-    """World-space pre-alignment (centre of mass + multi-resolution affine)."""
+    """World-space pre-alignment (centre of mass, multi-start search, multi-resolution rigid
+    then ``dof`` fit)."""
 
     input_spec = _PrealignInputSpec
     output_spec = _PrealignOutputSpec
 
     def _run_interface(self, runtime):
-        self._results["out_file"] = files.prealign_images(
+        self._results["report_file"] = os.path.join(runtime.cwd, "prealign_report.json")
+        self._results["out_file"], report = files.prealign_images(
             self.inputs.fixed_image, self.inputs.moving_image, self.inputs.mode,
             os.path.join(runtime.cwd, "prealign_xfm.h5"), network_size=self.inputs.network_size,
-            fixed_mask_file=_optional(self.inputs.fixed_mask))
+            fixed_mask_file=_optional(self.inputs.fixed_mask), dof=self.inputs.dof,
+            fixed_modality=self.inputs.fixed_modality,
+            moving_modality=self.inputs.moving_modality,
+            report_file=self._results["report_file"])
+        self._results["report"] = report or {}
         return runtime
 
 

@@ -83,6 +83,9 @@ REGISTRATION_COLUMNS = {
     "similarity_metric": ("SimilarityMetric", False, "The metric of the similarity column",
                           None),
     "prealign": ("PrealignMode", False, "Pre-alignment mode: affine, header or none", None),
+    "prealign_dof": ("PrealignDOF", False, (
+        "Degrees of freedom of the affine pre-alignment: 6 (rigid), 7 (similarity), 9 or 12 "
+        "(affine); n/a unless the pre-alignment mode is affine"), None),
     "device": ("Device", False, "Device the registration ran on (cpu, cuda:0, ...)", None),
     "seconds": ("RegistrationSeconds", True, "Time the registration took", "s"),
 }

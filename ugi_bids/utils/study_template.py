@@ -31,6 +31,7 @@ import numpy as np
 from .. import __version__
 from ..config import SUFFIX_MODALITY, Config
 from ..engine.formats.staging import staged_outputs
+from ..engine.options import DEFAULT_PREALIGN_DOF
 from ..errors import NoDataError
 from .provenance import PIPELINE_NAME, dump_json, write_bidsignore
 
@@ -139,7 +140,10 @@ def build_study_template(config: Config, subjects: dict, space=None) -> Path:
         "Model": registrar.weights.model, "WeightsSHA256": registrar.weights.sha256,
         "WeightsURL": registrar.weights.url, "NetworkGrid": registrar.network_size,
         "Device": str(registrar.device), "Precision": registrar.precision,
-        "PrealignMode": config.prealign, "IOIterations": config.io_iterations,
+        "PrealignMode": config.prealign,
+        # the engine's template build fits its pre-alignments with the default dof
+        "PrealignDOF": DEFAULT_PREALIGN_DOF if config.prealign == "affine" else None,
+        "IOIterations": config.io_iterations,
         "IOSimilarity": config.io_similarity,
         "TemplateIterations": config.template_iterations,
         "TemplateGradientStep": config.template_gradient_step,

@@ -144,6 +144,7 @@ def _register_to_space(workflow: Workflow, config: Config, template, *, tag: str
         template_label=template.spec.label, modality=modality, model=config.model,
         weights=config.weights, device=config.device, precision=config.precision,
         io_checkpointing=config.io_checkpointing, prealign=config.prealign,
+        prealign_dof=config.prealign_dof,
         network_size=config.network_size, io_iterations=config.io_iterations,
         io_similarity=config.io_similarity,
         omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
@@ -159,7 +160,9 @@ def _register_to_space(workflow: Workflow, config: Config, template, *, tag: str
         output_dir=str(config.output_dir), source_file=source_file, suffix=suffix,
         space=template.spec.label, resolution=template.spec.resolution,
         sources=[source_uri, template.uri],
-        settings={"PrealignMode": config.prealign, "Sloppy": config.sloppy},
+        settings={"PrealignMode": config.prealign,
+                  "PrealignDOF": config.prealign_dof if config.prealign == "affine" else None,
+                  "Sloppy": config.sloppy},
         name=f"ds_{tag}_wf")
     workflow.connect([(reg_wf, ds_wf, [
         ("outputnode.forward_xfm", "inputnode.forward_xfm"),
@@ -419,7 +422,8 @@ def _add_labels(workflow: Workflow, *, subject_id: str, targets: list, templates
                 library_modalities=[library_modality(i.image) for i in library.images],
                 model=config.model, weights=config.weights, device=config.device,
                 precision=config.precision, io_checkpointing=config.io_checkpointing,
-                prealign=config.prealign, network_size=config.network_size,
+                prealign=config.prealign, prealign_dof=config.prealign_dof,
+                network_size=config.network_size,
                 io_iterations=config.io_iterations, io_similarity=config.io_similarity,
                 omp_nthreads=threads_per_registration(config, use_gpu), use_gpu=use_gpu,
                 has_brain_mask=fusion_mask is not None,

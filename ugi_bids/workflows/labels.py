@@ -111,6 +111,7 @@ def init_label_fusion_wf(*, library_name: str, library_size: int, method: str = 
                          model: str = "unigradicon", weights: str | None = None,
                          device: str = "auto", precision: str = "float32",
                          io_checkpointing: str = "auto", prealign: str = "affine",
+                         prealign_dof: int = 12,
                          network_size: int = 175, io_iterations: int = 50,
                          io_similarity: str = "lncc", omp_nthreads: int = 1,
                          use_gpu: bool = False, has_brain_mask: bool = False,
@@ -129,8 +130,8 @@ def init_label_fusion_wf(*, library_name: str, library_size: int, method: str = 
         Joint label fusion (Wang & Yushkevich 2013, antsJointFusion's defaults) or a vote.
     modality, library_modalities
         Intensity model of the session image and of each library image.
-    model, weights, device, precision, io_checkpointing, prealign, network_size, io_iterations,
-    io_similarity, omp_nthreads, use_gpu
+    model, weights, device, precision, io_checkpointing, prealign, prealign_dof, network_size,
+    io_iterations, io_similarity, omp_nthreads, use_gpu
         Registration settings, as in :func:`~ugi_bids.workflows.registration.init_register_to_template_wf`.
     has_brain_mask : bool
         Whether ``brain_mask`` (already in native space) will be given, for the brain volume.
@@ -187,7 +188,8 @@ carried onto the session's grid {GENERIC_LABEL_TEXT}, and the warped labels were
         "dseg", "volumes", "brain_volume", "parameters", "library_provenance"]),
         name="outputnode")
     warp = pe.Node(WarpLibrary(
-        target_modality=modality, prealign=prealign, model=model, device=device,
+        target_modality=modality, prealign=prealign, prealign_dof=prealign_dof, model=model,
+        device=device,
         precision=precision, io_checkpointing=io_checkpointing, network_size=network_size,
         io_iterations=io_iterations, io_similarity=io_similarity, use_gpu=use_gpu,
         num_threads=omp_nthreads, **({"weights": str(weights)} if weights else {}),

@@ -28,14 +28,34 @@ MEM_GB_IO_KEPT = {175: 10.5, "sloppy": 3.0}
 TF32_TEXT = (" The network ran with TF32 tensor-core arithmetic for its convolutions (an opt-in "
              "mode; the maps differ from full float32 by up to a few hundredths of a voxel "
              "without instance optimisation).")
-PREALIGN_TEXT = {
-    "affine": ("The images were first aligned in world (scanner) coordinates: initialised by "
-               "their intensity centres of mass, then by a multi-resolution affine fit (8, 4 and "
-               "2 mm; rigid, then 12 degrees of freedom) maximising Mattes mutual information"),
-    "header": "The images were related through the coordinates in their headers",
-    "none": ("The images were related voxel grid to voxel grid, as in the published uniGradICON "
-             "tool (no world-space alignment)"),
-}
+#: The fit of each ``--prealign-dof``, for the boilerplate.
+PREALIGN_DOF_TEXT = {6: "rigid (6 degrees of freedom)",
+                     7: "rigid, then similarity (7 degrees of freedom)",
+                     9: "rigid, then rigid plus per-axis scaling (9 degrees of freedom)",
+                     12: "rigid, then affine (12 degrees of freedom)"}
+
+
+def prealign_text(mode: str, dof: int = 12) -> str:
+    """Boilerplate sentence (no final full stop) for a pre-alignment ``mode`` and, for
+    ``affine``, the degrees of freedom ``dof`` of its fit."""
+    if mode == "header":
+        return "The images were related through the coordinates in their headers"
+    if mode == "none":
+        return ("The images were related voxel grid to voxel grid, as in the published "
+                "uniGradICON tool (no world-space alignment)")
+    fallback = {6: "", 7: "; a fit with implausible scales would have been replaced by the "
+                          "rigid one"}.get(dof, "; a fit with implausible scales or shears "
+                                                "would have been replaced by the similarity "
+                                                "fit, or else the rigid one")
+    return ("The images were first aligned in world (scanner) coordinates: from their "
+            "intensity centres of mass, a multi-start search (the 24 axis-aligned orientations "
+            "and a grid of rotations of up to +-60 degrees about each axis, as in FSL FLIRT and "
+            "ANTs antsAI) chose the starting pose, then a multi-resolution fit (8, 4 and 2 mm; "
+            f"{PREALIGN_DOF_TEXT[dof]}) maximised Mattes mutual information{fallback}")
+
+
+#: The sentence of each mode with the default degrees of freedom.
+PREALIGN_TEXT = {mode: prealign_text(mode) for mode in ("affine", "header", "none")}
 
 
 def registration_mem_gb(network_size: int, io_iterations: int,
@@ -52,7 +72,7 @@ def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
                                  model: str = "unigradicon", weights: str | None = None,
                                  device: str = "auto", precision: str = "float32",
                                  io_checkpointing: str = "auto", prealign: str = "affine",
-                                 network_size: int = 175, io_iterations: int = 50,
+                                 prealign_dof: int = 12, network_size: int = 175, io_iterations: int = 50,
                                  io_similarity: str = "lncc", omp_nthreads: int = 1,
                                  use_gpu: bool = False, template_has_mask: bool = False,
                                  name: str = "register_template_wf") -> Workflow:
@@ -67,8 +87,8 @@ def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
         The space label (e.g. ``MNI152NLin2009cAsym``), used in the boilerplate.
     modality : {"mri", "ct"}
         Intensity model of the anatomical image.
-    model, weights, device, precision, io_checkpointing, prealign, network_size, io_iterations,
-    io_similarity
+    model, weights, device, precision, io_checkpointing, prealign, prealign_dof, network_size,
+    io_iterations, io_similarity
         Engine settings (see ``ugi-register --help``).
     omp_nthreads : int
         Threads the registration node may use (``n_procs`` for the scheduler).
@@ -110,7 +130,7 @@ def init_register_to_template_wf(*, template_label: str, modality: str = "mri",
 The anatomical image was registered to the *{template_label}* template with
 {'multiGradICON [@multigradicon]' if model == 'multigradicon' else 'uniGradICON [@unigradicon]'},
 a registration foundation model built on GradICON [@gradicon], as implemented in *ugi-bids*
-(with PyTorch [@pytorch] and ITK [@itk]). {PREALIGN_TEXT[prealign]}.
+(with PyTorch [@pytorch] and ITK [@itk]). {prealign_text(prealign, prealign_dof)}.
 Both images were rescaled to [0, 1] ({'CT: -1000 to 1000 HU' if modality == 'ct' else
 'MRI: from the minimum to the 99th percentile'}) and resampled to a {network_size}^3 network
 grid; the network produced both the forward map and its inverse-consistent partner,
@@ -126,7 +146,8 @@ resampled into the template space with trilinear interpolation in a single step.
 
     normalise_moving = pe.Node(NormaliseIntensities(modality=modality), name="normalise_moving")
     normalise_template = pe.Node(NormaliseIntensities(modality="mri"), name="normalise_template")
-    prealign_node = pe.Node(Prealign(mode=prealign, network_size=network_size),
+    prealign_node = pe.Node(Prealign(mode=prealign, network_size=network_size, dof=prealign_dof,
+                                     fixed_modality="mri", moving_modality=modality),
                             name="prealign", n_procs=1, mem_gb=1.0)
     register = pe.Node(
         UniGradICON(model=model, device=device, precision=precision,
@@ -158,6 +179,7 @@ resampled into the template space with trilinear interpolation in a single step.
         (register, jacobian, [("forward_xfm", "transform")]),
         (register, provenance, [("provenance", "provenance")]),
         (jacobian, provenance, [("folded_fraction", "folded_fraction")]),
+        (prealign_node, provenance, [("report", "prealignment")]),
         (inputnode, similarity, [("template_image", "fixed")]),
         (resample, similarity, [("out_file", "warped")]),
         (similarity, provenance, [("similarity", "similarity")]),
@@ -172,9 +194,15 @@ resampled into the template space with trilinear interpolation in a single step.
     return workflow
 
 
-def _add_folding(provenance: dict, folded_fraction: float, similarity: float) -> dict:
-    """The registration provenance plus the folded-voxel fraction of the forward map and the
+def _add_folding(provenance: dict, folded_fraction: float, similarity: float,
+                 prealignment: dict | None = None) -> dict:
+    """The registration provenance plus the pre-alignment's report (``Prealignment``, BIDS-style
+    keys; only for the ``affine`` mode), the folded-voxel fraction of the forward map and the
     similarity of the result (NCC of the template and the resampled image, in the template's
     brain mask)."""
-    return dict(provenance, FoldedVoxelFraction=float(folded_fraction),
-                SimilarityMetric="NCC", Similarity=float(similarity))
+    from ugi_bids.interfaces.files import prealignment_metadata
+
+    report = prealignment_metadata(prealignment)
+    return dict(provenance, **({"Prealignment": report} if report else {}),
+                FoldedVoxelFraction=float(folded_fraction), SimilarityMetric="NCC",
+                Similarity=float(similarity))
