@@ -130,8 +130,15 @@ def atomic_file(path: str | os.PathLike, what: str = "file", *, fsync: bool = Fa
 
 def write_text_atomic(path: str | os.PathLike, text: str, what: str = "file") -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically, creating its folder; readers see the old
-    file or the new one, whole. Returns ``path``."""
+    file or the new one, whole. A file that already holds ``text`` is left alone (not even
+    its time stamp changes), so concurrent runs into one output folder (a Slurm array) do not
+    rewrite the shared top-level files they agree on. Returns ``path``."""
     path = Path(path)
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass  # unreadable or not text: replaced below
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
