@@ -282,6 +282,25 @@ def make_longitudinal_dataset(root: str | os.PathLike, *, downsample: float = 3.
 # Weights
 # --------------------------------------------------------------------------------------------
 
+def make_cohort_dataset(root: str | os.PathLike, *, participants: int = 3,
+                        downsample: float = 3.0) -> dict:
+    """A raw BIDS dataset of ``participants`` one-session participants (``sub-01``, ...), each
+    a T1w of a real brain (FSL's MNI152 and the 2009c brain in turn) stored in a different
+    orientation and shifted: the cohort of a cluster run. Returns the paths by name."""
+    labels = [f"{i:02d}" for i in range(1, participants + 1)]
+    bids_dir = _dataset_folder(root, "ugi-bids cohort test dataset",
+                               "".join(f"sub-{label}\t{30 + i}\tF\n"
+                                       for i, label in enumerate(labels)))
+    brains = [downsampled(load_volume(fsl_mni_brain_path()), downsample),
+              downsampled(load_volume(mni2009c_brain_path()), downsample)]
+    storages = ["LPS", "RAS", "PIR", "LAS"]
+    images = {f"sub-{label}/anat/sub-{label}_T1w.nii.gz":
+              store_as(reheader(brains[i % 2], _shift((4.0 * i, -3.0 * i, 5.0 - 2.0 * i))),
+                       storages[i % len(storages)])
+              for i, label in enumerate(labels)}
+    return _write_images(bids_dir, images)
+
+
 def app_environment(root: str | os.PathLike, templateflow_home: str | os.PathLike) -> dict:
     """The environment an end-to-end test runs ``ugi-bids`` in: the test TemplateFlow home (no
     updates), an empty ugi-bids cache (no weights found by accident), one OpenMP thread."""

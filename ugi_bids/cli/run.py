@@ -228,6 +228,34 @@ def plugin_settings(config: Config, *, use_gpu: bool = False) -> dict:
     return settings
 
 
+#: Plugins that submit every node as a Slurm job (``sbatch``).
+SLURM_PLUGINS = ("SLURM", "SLURMGraph")
+
+
+def request_node_resources(workflow, plugin: str) -> int:
+    """Give every node that a ``SLURM``/``SLURMGraph`` plugin submits its own request, from the
+    node's annotations: ``--cpus-per-task`` = ``n_procs`` and ``--mem`` = ``mem_gb`` (MB,
+    rounded up), appended to the plugin's ``sbatch_args`` (nipype adds a node's
+    ``plugin_args["sbatch_args"]`` to the plugin's, after a space given here). A node that
+    states its own ``sbatch_args`` keeps them. Every node gets a request, those marked to run
+    without submitting included: SLURMGraph submits every node of the graph. Other schedulers
+    keep the plugin's arguments. Returns the number of nodes given a request."""
+    import math
+
+    if plugin not in SLURM_PLUGINS:
+        return 0
+    count = 0
+    for node in workflow._get_all_nodes():
+        if "sbatch_args" in (node.plugin_args or {}):
+            continue
+        memory_mb = max(1, math.ceil(float(node.mem_gb) * 1024))
+        # nipype joins the plugin's and the node's sbatch_args without a separator
+        node.plugin_args = dict(node.plugin_args or {}, sbatch_args=(
+            f" --cpus-per-task={max(1, int(node.n_procs))} --mem={memory_mb}M"))
+        count += 1
+    return count
+
+
 def run(config: Config) -> int:
     """Build and run the workflow for ``config``; returns the exit code."""
     from nipype import config as nipype_config
@@ -278,14 +306,25 @@ def run(config: Config) -> int:
     write_run_settings(requested, subjects, _environment(config, device))
     if config.omp_nthreads:
         os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
+    settings = plugin_settings(config, use_gpu=use_gpu)
+    requested_nodes = request_node_resources(workflow, settings["plugin"])
+    if requested_nodes:
+        LOGGER.info("%s: %d nodes submitted with their own CPU and memory requests",
+                    settings["plugin"], requested_nodes)
     try:
-        workflow.run(**plugin_settings(config, use_gpu=use_gpu))
+        workflow.run(**settings)
     except RuntimeError:  # nipype: a node failed ("Workflow did not execute cleanly", ...)
         crash_files = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*"))
         folders = sorted({str(path.parent) for path in crash_files}) or ["the log folders"]
         print(f"ugi-bids: error: {len(crash_files) or 'some'} processing step(s) failed; "
               f"see the crash files in {', '.join(folders)}", file=sys.stderr)
         return 1
+    if settings["plugin"] == "SLURMGraph":
+        # nipype's SLURMGraph submits the whole graph with job dependencies and returns
+        LOGGER.info("ugi-bids submitted its jobs to Slurm (SLURMGraph): the outputs appear in "
+                    "%s as the jobs finish (squeue lists them; their logs are in %s)",
+                    config.output_dir, config.work_dir)
+        return 0
     LOGGER.info("ugi-bids finished: %s", config.output_dir)
     if config.clean_workdir:
         clean_work_dir(config, workflow)
