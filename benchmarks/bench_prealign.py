@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests import realdata  # noqa: E402
 from ugi_bids.engine.prealign import affine as prealign_affine  # noqa: E402
 from ugi_bids.engine.preprocess import preprocess  # noqa: E402
-from ugi_bids.engine.registrar import prealign_mask  # noqa: E402
+from ugi_bids.engine.registrar import prealignment_report  # noqa: E402
 from ugi_bids.engine.spatial.volume import Volume, load_volume  # noqa: E402
 
 
@@ -43,19 +43,19 @@ def time_ours(fixed, moving, modality, device, repeats, search=True):
     body masks), with the multi-start search on or off."""
     fixed_n = preprocess(fixed, modality, None, False, "fixed")
     moving_n = preprocess(moving, modality, None, False, "moving")
-    settings = prealign_affine.PrealignSettings(search=search, device=device)
+    settings = prealign_affine.PrealignSettings(search=search)
     times = []
     for run in range(repeats + 1):
         start = time.perf_counter()
-        result = prealign_affine.estimate_prealignment(
-            fixed_n, moving_n, fixed_mask=prealign_mask(fixed_n, modality),
-            moving_mask=prealign_mask(moving_n, modality), settings=settings)
+        affine, report = prealignment_report(fixed_n, moving_n, "affine",
+                                             fixed_modality=modality, moving_modality=modality,
+                                             device=device, settings=settings)
         if device.startswith("cuda"):
             import torch
             torch.cuda.synchronize()
         if run:
             times.append(time.perf_counter() - start)
-    return statistics.median(times), result.affine, result.report()
+    return statistics.median(times), affine, report
 
 
 def time_ants(fixed: Volume, moving: Volume, moving_mask, folder: str):

@@ -68,12 +68,10 @@ def downsampled(volume: Volume, factor: float, order: int = 1) -> Volume:
 
 
 def rotation_matrix(angles_deg) -> np.ndarray:
-    """3x3 rotation from Euler angles (degrees) about x, y, z."""
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """3x3 rotation from Euler angles (degrees) about the world x, y, z axes (``Rz Ry Rx``)."""
+    from ugi_bids.engine.prealign.search import euler_rotation
+
+    return euler_rotation(angles_deg)
 
 
 def reheader(volume: Volume, world_change: np.ndarray) -> Volume:

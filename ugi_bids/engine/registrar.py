@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -207,7 +207,9 @@ def prealignment_report(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREAL
                         prepared: prealign_module.FixedSide | None = None,
                         dof: int = DEFAULT_PREALIGN_DOF, fixed_modality: str = DEFAULT_MODALITY,
                         moving_modality: str = DEFAULT_MODALITY,
-                        device: str | torch.device = "cpu") -> tuple[np.ndarray, dict | None]:
+                        device: str | torch.device = "cpu",
+                        settings: prealign_module.PrealignSettings | None = None
+                        ) -> tuple[np.ndarray, dict | None]:
     """The world affine that maps FIXED-space points to MOVING-space points (RAS mm, 4x4), and
     what the provenance records of it (None unless ``affine``).
 
@@ -216,7 +218,7 @@ def prealignment_report(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREAL
     identity, ``affine``: :func:`ugi_bids.engine.prealign.affine.estimate_prealignment` with
     ``dof`` (multi-start search, then rigid and affine fit; restricted to the boolean masks on
     each image's grid when given, else to a CT's body: :func:`prealign_mask`), run by torch on
-    ``device`` (the registration's).
+    ``device`` (the registration's; it replaces the device of ``settings``, the fit's tuning).
     """
     check_options(prealign=mode, prealign_dof=dof, fixed_modality=fixed_modality,
                   moving_modality=moving_modality)
@@ -231,7 +233,8 @@ def prealignment_report(fixed: Volume, moving: Volume, mode: str = DEFAULT_PREAL
         moving_mask = prealign_mask(moving, moving_modality)
     result = prealign_module.estimate_prealignment(
         fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, prepared=prepared,
-        dof=dof, settings=prealign_module.PrealignSettings(device=str(torch.device(device))))
+        dof=dof, settings=replace(settings or prealign_module.PrealignSettings(),
+                                  device=str(torch.device(device))))
     return result.affine, result.report()
 
 
