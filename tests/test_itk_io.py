@@ -499,6 +499,38 @@ def test_reads_plain_itk_affines(tmp_path, itk, suffix):
     assert np.abs(transform.map_points(points) - itk_map_points(euler, points)).max() < 1e-9
 
 
+@pytest.mark.parametrize("suffix", [".mat", ".txt"])
+@pytest.mark.parametrize("pixel", ["D", "F"])
+def test_reads_ants_affines_without_itk(tmp_path, itk, monkeypatch, suffix, pixel):
+    """AffineTransform .mat/.txt files (ANTs' ``*GenericAffine.mat``; a centre, a general matrix)
+    are decoded without ITK, to ITK's own points, and read where ITK is not installed; a type we
+    do not decode (Euler3D) then fails with one line that says what to install."""
+    affine = itk.AffineTransform[getattr(itk, pixel), 3].New()
+    params = affine.GetParameters()
+    for i, value in enumerate([1.05, 0.1, -0.05, -0.08, 0.97, 0.12, 0.03, -0.1, 1.1,
+                               5.0, -6.5, 7.25]):
+        params[i] = value
+    affine.SetParameters(params)
+    affine.SetCenter([12.5, -20.0, 31.0])
+    path = str(tmp_path / f"ants_0GenericAffine{suffix}")
+    itk.transformwrite([affine], path)
+    points = np.random.default_rng(3).uniform(-90, 90, size=(60, 3))
+    expected = itk_map_points(itk.transformread(path)[0], points)
+    tolerance = 1e-9 if pixel == "D" else 1e-4  # ITK's float affine rounds its own parameters
+    assert np.abs(read_composite_h5(path).map_points(points) - expected).max() < tolerance
+
+    euler = itk.Euler3DTransform[itk.D].New()
+    euler.SetRotation(0.1, -0.2, 0.15)
+    euler_path = str(tmp_path / f"rigid{suffix}")
+    itk.transformwrite([euler], euler_path)
+    monkeypatch.setitem(sys.modules, "itk", None)  # as if ITK were not installed
+    assert np.abs(read_composite_h5(path).map_points(points) - expected).max() < tolerance
+    with pytest.raises(InputDataError) as caught:
+        read_composite_h5(euler_path)
+    message = str(caught.value)
+    assert "\n" not in message and euler_path in message and "ugi-bids[itk]" in message
+
+
 def test_reads_general_itk_queue(tmp_path, itk):
     """[affine, affine, field, affine] written by ITK: the inner affine is folded exactly."""
     transform = _small_transform()

@@ -22,8 +22,11 @@ affine parameters stay float64 in either precision (ITK reads the dataset's own 
 affine loses nothing. ``precision="double"`` stores the field as float64 too.
 
 Reading (:func:`read_composite_h5`) decodes HDF5 files of affines and displacement fields
-itself (:func:`_read_items_h5` says why not with nitransforms) and hands every other transform
-file (``.mat``, ``.txt``, HDF5 files with other transform types) to ITK. The displacement-field
+itself (:func:`_read_items_h5` says why not with nitransforms), and ITK's ``.mat``/``.txt`` files
+of affines (ANTs' ``*GenericAffine.mat``) too, and hands every other transform file (rigid or
+similarity parameterisations, HDF5 files with other transform types) to ITK. ITK's Python
+wrapping is 1.5 GB, two thirds of a container image, so it is an optional dependency
+(``pip install ugi-bids[itk]``): without it, only those other files cannot be read. The displacement-field
 NIfTI is encoded by nitransforms (``ITKDisplacementsField.to_image``).
 """
 
@@ -79,10 +82,16 @@ def grid_from_itk_geometry(shape, origin, spacing, direction) -> Grid:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _itk():
-    """Import ITK lazily (it is slow to load and only needed at the file boundary)."""
-    import itk
-
+def _itk(path: str):
+    """Import ITK lazily (slow to load, needed only for transform types we do not decode, and an
+    optional dependency); a one-line InputDataError naming ``path`` where it is not installed."""
+    try:
+        import itk
+    except ImportError:
+        raise InputDataError(
+            f"reading transform file {path} needs ITK's Python package, which is not installed "
+            "(pip install 'ugi-bids[itk]', or convert it to an affine .mat or a composite "
+            ".h5)") from None
     return itk
 
 
@@ -323,6 +332,54 @@ def _read_items_h5(path: str) -> list | None:
     return [items[name] for name in names if name in items]
 
 
+def _linear_entries(path: str) -> list[tuple[str, np.ndarray, np.ndarray]] | None:
+    """``(type, parameters, fixed parameters)`` of each transform in an ITK ``.mat`` (MATLAB v4,
+    one transform: ``<type>`` and ``fixed``) or ``.txt``/``.tfm`` (``#Insight Transform File``)
+    file; None for other names."""
+    name = path.lower()
+    if name.endswith(".mat"):
+        from scipy.io import loadmat
+
+        variables = {key: np.asarray(value, dtype=np.float64).ravel()
+                     for key, value in loadmat(path).items() if not key.startswith("__")}
+        kinds = [key for key in variables if key != "fixed"]
+        if len(kinds) != 1:
+            return None
+        return [(kinds[0], variables[kinds[0]], variables.get("fixed", np.zeros(3)))]
+    if not name.endswith((".txt", ".tfm")):
+        return None
+    entries: list[list] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "Transform":
+                entries.append([value.strip(), np.zeros(0), np.zeros(0)])
+            elif key in ("Parameters", "FixedParameters") and entries:
+                entries[-1][1 if key == "Parameters" else 2] = np.array(value.split(), dtype=float)
+    return [tuple(entry) for entry in entries]
+
+
+def _read_items_linear(path: str) -> list | None:
+    """Queue items of an ITK ``.mat``/``.txt`` file of affines (AffineTransform,
+    MatrixOffsetTransformBase: what ANTs writes), or None when it holds other types or is not
+    such a file (ITK reads it then). Decoded here so that ANTs' affines need no ITK install."""
+    entries = _linear_entries(path)
+    if not entries:
+        return None
+    items = []
+    for kind, params, fixed in entries:
+        base = kind.split("_")[0]
+        if base == "CompositeTransform":
+            continue
+        if not kind.endswith("_3_3"):
+            raise InputDataError(f"transform file {path} holds a non-3D transform ({kind})")
+        if base not in _H5_LINEAR or params.size != 12:
+            return None
+        items.append(("linear", _matrix_offset_ras(params, fixed)))
+    return items
+
+
 def _flatten_itk(itk, transforms) -> list:
     """ITK transforms in queue order, composites expanded (down-cast to concrete types)."""
     queue = []
@@ -356,7 +413,7 @@ def _linear_lps_matrix(itk, transform) -> np.ndarray:
 
 def _read_items_itk(path: str) -> list:
     """Queue items of any transform file ITK reads (.h5, .mat, .txt)."""
-    itk = _itk()
+    itk = _itk(path)
     queue = _flatten_itk(itk, itk.transformread(path))
     items = []
     for transform in queue:
@@ -419,8 +476,9 @@ def read_composite_h5(path: str | os.PathLike, backend: str = "auto") -> WorldTr
     transforms in ``.mat`` / ``.txt`` / ``.h5``. The file's map (reference LPS -> source LPS, as
     ``antsApplyTransforms`` uses it) is returned in RAS: reference RAS mm -> source RAS mm.
 
-    ``backend="auto"`` reads HDF5 files of affine/displacement-field transforms with h5py and
-    nitransforms (fast) and hands everything else to ITK; ``"itk"`` always uses ITK's reader.
+    ``backend="auto"`` decodes HDF5 files of affine/displacement-field transforms (h5py) and
+    ITK ``.mat``/``.txt`` affines itself, and hands everything else to ITK (an optional
+    dependency); ``"itk"`` always uses ITK's reader.
 
     Raises
     ------
@@ -434,7 +492,9 @@ def read_composite_h5(path: str | os.PathLike, backend: str = "auto") -> WorldTr
     path = os.fspath(path)
     _check_readable(path)
     try:
-        items = _read_items_h5(path) if backend == "auto" and _is_hdf5_name(path) else None
+        items = None
+        if backend == "auto":
+            items = _read_items_h5(path) if _is_hdf5_name(path) else _read_items_linear(path)
         if items is None:
             items = _read_items_itk(path)
     except InputDataError:
