@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -805,3 +806,49 @@ def test_cli_verify_missing_file(tmp_path, capsys):
     assert weights_cli.main(["verify", str(tmp_path / "none.trch")]) == 66
     assert capsys.readouterr().err == (
         f"{PROG_ERROR}weights file {tmp_path / 'none.trch'} does not exist\n")
+
+
+# --------------------------------------------------------------------------------------------
+# install (offline machines, container builds) and images built without weights
+
+
+def test_cli_install_copies_checks_and_records(tmp_path, light_checkpoint, isolated_cache, capsys):
+    """`ugi-bids-weights install FILE` puts a strictly loading copy in the cache with its sidecar;
+    the cached file is then what the app resolves, with the same SHA-256."""
+    assert weights_cli.main(["install", str(light_checkpoint)]) == 0
+    target = W.cached_path("unigradicon")
+    digest = sha256_of(light_checkpoint)
+    assert capsys.readouterr().out.strip() == f"{digest}  {target}"
+    assert sha256_of(target) == digest and W.recorded_sha256(target) == digest
+    assert W.resolve_weights("unigradicon") == target
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".sha256"]
+
+
+def test_cli_install_refuses_a_bad_file_and_leaves_the_cache_alone(tmp_path, isolated_cache,
+                                                                    capsys):
+    bad = tmp_path / "bad.trch"
+    bad.write_bytes(b"not a checkpoint")
+    assert weights_cli.main(["install", str(bad)]) == WeightsError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith(PROG_ERROR) and err.count("\n") == 1, err
+    assert f"weights file {bad}" in err and "nothing was installed" in err
+    target = W.cached_path("unigradicon")
+    assert not target.parent.exists() or not any(target.parent.iterdir())
+
+
+def test_image_without_weights_says_so(isolated_cache):
+    """In a container image baked without weights (its image-contents.json lists none), the
+    missing-weights error says that the image has none and how to give them, in one line."""
+    isolated_cache.mkdir(parents=True)
+    (isolated_cache / "image-contents.json").write_text(json.dumps(
+        {"weights": {}, "templateflow": {}}))
+    with pytest.raises(WeightsError) as caught:
+        W.resolve_weights("unigradicon")
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.exit_code == 66
+    assert "container image was built without the uniGradICON weights" in message
+    assert "--weights PATH" in message and "--build-arg WEIGHTS=" in message
+    # outside an image (no record) the usual pre-fetch advice is given
+    (isolated_cache / "image-contents.json").unlink()
+    with pytest.raises(WeightsError, match="ugi-bids-weights fetch unigradicon"):
+        W.resolve_weights("unigradicon")

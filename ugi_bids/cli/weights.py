@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--model", type=_model, default="unigradicon",
                         help="model the file should be (default: unigradicon)")
 
+    install = sub.add_parser("install", help="copy a local weights file into the cache (it must "
+                             "load strictly); for machines and container builds with no internet")
+    install.add_argument("file", type=Path, metavar="FILE")
+    install.add_argument("--model", type=_model, default="unigradicon",
+                         help="model the file is (default: unigradicon)")
+
     sub.add_parser("list", help="list the models, their URLs and whether they are cached")
     return parser
 
@@ -108,6 +114,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    """Copy FILE into the cache after a strict load; print ``<sha256>  <cached path>``."""
+    target = W.install(args.model, args.file)
+    print(f"{W.recorded_sha256(target)}  {target}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """One line per model: name, cached or missing, size, URL; then the cache folder."""
     for info in W.MODELS.values():
@@ -121,7 +134,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fetch": cmd_fetch, "path": cmd_path, "verify": cmd_verify, "list": cmd_list}
+COMMANDS = {"fetch": cmd_fetch, "path": cmd_path, "verify": cmd_verify, "install": cmd_install,
+            "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

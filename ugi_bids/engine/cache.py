@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,3 +30,22 @@ def cache_dir() -> Path:
     if not os.path.isabs(folder):  # "~/.cache/..." left unexpanded: no home folder either
         raise WeightsError(message)
     return Path(folder)
+
+
+#: Written by the container build (``docker/bake_image.py``) into ``$UGI_BIDS_HOME``: what the
+#: image holds (weights, TemplateFlow files) with their SHA-256.
+IMAGE_CONTENTS = "image-contents.json"
+
+
+def image_contents() -> dict | None:
+    """What a ugi-bids container image baked into ``$UGI_BIDS_HOME`` (``weights``: model name ->
+    ``{"path", "sha256"}``, ``templateflow``: relative path -> SHA-256), or None outside such an
+    image (or when the record cannot be read)."""
+    home = os.environ.get("UGI_BIDS_HOME")
+    if not home:
+        return None
+    try:
+        contents = json.loads((Path(home).expanduser() / IMAGE_CONTENTS).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return contents if isinstance(contents, dict) else None

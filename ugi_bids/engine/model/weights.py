@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from ugi_bids.engine.cache import cache_dir
+from ugi_bids.engine.cache import cache_dir, image_contents
 from ugi_bids.engine.options import DEFAULT_MODEL
 from ugi_bids.engine.formats.staging import atomic_file, write_text_atomic
 from ugi_bids.errors import OutputError, UgiError, WeightsError, one_line
@@ -381,6 +382,13 @@ def resolve_weights(model: str = DEFAULT_MODEL, weights: PathLike | None = None,
         return target
     if download:
         return fetch(info.name)
+    contents = image_contents()
+    if contents is not None and info.name not in contents.get("weights", {}):
+        raise WeightsError(
+            f"this ugi-bids container image was built without the {info.display} weights: "
+            f"bind a weights file into the container and pass --weights PATH, or use an image "
+            f"built with them (docker build --build-arg WEIGHTS=fetch, or WEIGHTS=<file in the "
+            f"build context>)")
     raise WeightsError(
         f"the {info.display} weights are not in the cache ({target}); download them from "
         f"{info.url} with `ugi-bids-weights fetch {info.name}` (on a machine with internet if "
@@ -546,14 +554,37 @@ def _retrieve(url: str, destination: Path, info: ModelInfo, progress: bool,
     return info.sha256.lower() if info.sha256 else sha256_file(destination)
 
 
-def _validate_download(tmp: Path, info: ModelInfo, url: str) -> None:
-    """The downloaded file must load strictly; else a one-line WeightsError."""
+def install(model: str, source: PathLike) -> Path:
+    """Copy a local weights file into the cache (for machines and image builds with no internet)
+    and return the cached path.
+
+    The copy goes to a temporary name beside the target, must load strictly as ``model``'s network
+    and match its pinned SHA-256 (if any), and is then renamed into place with its sidecar, as
+    :func:`fetch` does with a download; a failure leaves the cache as it was.
+    """
+    info = model_info(model)
+    source = _explicit_weights(Path(source).expanduser(), info)
+    target = cached_path(info.name)
+    _make_cache_folder(target.parent)
+    with atomic_file(target, f"the {info.display} weights", fsync=True) as temporary:
+        tmp = Path(temporary)
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        _validate_copy(tmp, info, f"weights file {source}", "nothing was installed")
+        digest = check_pin(tmp, info.name, sha256_file(tmp))
+    write_sidecar(target, digest)
+    return target
+
+
+def _validate_copy(tmp: Path, info: ModelInfo, source: str, advice: str) -> None:
+    """The temporary copy ``tmp`` of ``source`` must load strictly; else a one-line WeightsError
+    that names ``source`` (not the temporary name) and ends with ``advice``."""
     try:
         checked_state_dict(tmp, info.name)
     except WeightsError as exc:
         detail = getattr(exc, "detail", str(exc))
-        detail = detail.replace(f"weights file {tmp}", f"the file downloaded from {url}")
-        raise WeightsError(f"{detail}; nothing was saved (check the URL, or try again)") from exc
+        detail = detail.replace(f"weights file {tmp}", source)
+        raise WeightsError(f"{detail}; {advice}") from exc
 
 
 def fetch(model: str, *, force: bool = False, progress: bool = True, url: str | None = None,
@@ -579,7 +610,8 @@ def fetch(model: str, *, force: bool = False, progress: bool = True, url: str | 
         tmp = Path(temporary)
         digest = _retrieve(source, tmp, info, progress, timeout)
         os.chmod(tmp, 0o644)  # pooch's temporary file is 0600: the cache may be shared
-        _validate_download(tmp, info, source)
+        _validate_copy(tmp, info, f"the file downloaded from {source}",
+                       "nothing was saved (check the URL, or try again)")
     write_sidecar(target, digest)
     if progress:
         sys.stderr.write(f"saved {target} (sha256 {digest})\n")
