@@ -135,6 +135,7 @@ def test_atomic_write_leaves_no_temporaries(output_dir, bids_dir):
     ({"APPTAINER_CONTAINER": "/x.sif", "SINGULARITY_CONTAINER": "/x.sif"}, True, "apptainer"),
     ({"SINGULARITY_CONTAINER": "/x.sif"}, False, "singularity"),
     ({}, True, "docker"),
+    ({"CH_RUNNING": "Weird Al Yankovic"}, False, "charliecloud"),
     ({"container": "podman"}, False, "podman"),
 ])
 def test_detect_container(tmp_path, environ, dockerenv, expected):

@@ -418,3 +418,19 @@ def test_custom_template_removed_after_parsing(tmp_path):
     with pytest.raises(errors.TemplateError) as info:
         ut.resolve_template(spec)
     assert info.value.exit_code == 66 and str(image) in _one_line(info.value)
+
+
+def test_cached_skeleton_is_readable_by_other_users(tmp_path, monkeypatch):
+    """The skeleton unpacked into a shared cache (a container image's UGI_BIDS_HOME, baked as
+    root and read as another UID) takes the umask's mode, not mkdtemp's 0700."""
+    from ugi_bids.utils import templates as T
+
+    monkeypatch.setenv("UGI_BIDS_HOME", str(tmp_path / "home"))
+    old = os.umask(0o022)
+    try:
+        root = T._cached_skeleton_root()
+    finally:
+        os.umask(old)
+    assert root is not None and root.is_dir()
+    assert root.stat().st_mode & 0o777 == 0o755
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".staging-")]

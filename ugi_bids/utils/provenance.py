@@ -64,7 +64,7 @@ def detect_container(
     """``GeneratedBy.Container`` for the container we run in, or None outside containers.
 
     Apptainer/Singularity are recognised by the variables they set inside every container
-    (``APPTAINER_CONTAINER``, ``SINGULARITY_CONTAINER``), Docker by ``/.dockerenv``, Podman and
+    (``APPTAINER_CONTAINER``, ``SINGULARITY_CONTAINER``), Charliecloud by ``CH_RUNNING``, Docker by ``/.dockerenv``, Podman and
     others by ``container=<engine>``. The tag is ``$UGI_BIDS_CONTAINER_TAG`` (set by our image),
     else the ugi-bids version.
     """
@@ -73,6 +73,8 @@ def detect_container(
         kind = "apptainer"
     elif env.get("SINGULARITY_CONTAINER") or env.get("SINGULARITY_NAME"):
         kind = "singularity"
+    elif env.get("CH_RUNNING"):  # set by Charliecloud's ch-run in every container
+        kind = "charliecloud"
     elif Path(dockerenv).exists():
         kind = "docker"
     elif env.get("container"):

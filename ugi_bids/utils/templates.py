@@ -325,6 +325,11 @@ def _cached_skeleton_root() -> Path | None:
         if not root.is_dir():
             root.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root.parent))
+            # mkdtemp makes the folder 0700: give it the umask's mode, so that other users of a
+            # shared cache (a container image's, a lab's UGI_BIDS_HOME) can read the skeleton
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)
             try:
                 _client(staging, autoupdate=False).cache.ensure()
                 os.rename(staging, root)
