@@ -38,10 +38,13 @@ def _slurm_is_up() -> bool:
 
 
 def readme_array_script() -> str:
-    """The README's Slurm array script: the bash block that holds ``#SBATCH --array``."""
+    """The README's Slurm array script for an installed ugi-bids: the bash block that holds
+    ``#SBATCH --array`` and no ``apptainer run`` (the container variant needs Apptainer, which
+    does not install here)."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    scripts = [block for block in blocks if "#SBATCH --array" in block]
-    assert len(scripts) == 1, "the README must hold exactly one Slurm array script"
+    scripts = [block for block in blocks
+               if "#SBATCH --array" in block and "apptainer run" not in block]
+    assert len(scripts) == 1, "the README must hold exactly one installed-ugi-bids array script"
     return scripts[0]
 
 
