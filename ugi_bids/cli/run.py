@@ -311,13 +311,19 @@ def run(config: Config) -> int:
     if requested_nodes:
         LOGGER.info("%s: %d nodes submitted with their own CPU and memory requests",
                     settings["plugin"], requested_nodes)
+    from ..utils.multiproc import DeadWorkerError, MultiProcPlugin
+
     try:
-        workflow.run(**settings)
-    except RuntimeError:  # nipype: a node failed ("Workflow did not execute cleanly", ...)
+        if settings["plugin"] == "MultiProc":  # ours: a dead worker ends the run (see there)
+            workflow.run(plugin=MultiProcPlugin(plugin_args=settings["plugin_args"]))
+        else:
+            workflow.run(**settings)
+    except RuntimeError as error:  # nipype: a node failed ("Workflow did not execute cleanly")
         crash_files = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*"))
         folders = sorted({str(path.parent) for path in crash_files}) or ["the log folders"]
-        print(f"ugi-bids: error: {len(crash_files) or 'some'} processing step(s) failed; "
-              f"see the crash files in {', '.join(folders)}", file=sys.stderr)
+        what = (str(error) if isinstance(error, DeadWorkerError) else
+                f"{len(crash_files) or 'some'} processing step(s) failed; see the crash files")
+        print(f"ugi-bids: error: {what} in {', '.join(folders)}", file=sys.stderr)
         return 1
     if settings["plugin"] == "SLURMGraph":
         # nipype's SLURMGraph submits the whole graph with job dependencies and returns
