@@ -125,7 +125,7 @@ ch_out="$work/ch/ugi-bids"
 mkdir -p "$work/ch" "$work/ch-work"; chown -R ugi-ch "$work/ch" "$work/ch-work"
 began=$(date +%s)
 runuser -u ugi-ch -- env -i USER=ugi-ch PATH=/usr/bin:/bin \
-    ch-run --unset-env='*' --set-env="$work/image.env" --no-home \
+    ch-run --unset-env='*' --set-env="$work/image.env" \
     -b "$bids:/data" -b "$work/ch:/out" -b "$work/ch-work:/work" "$image_dir" -- \
     ugi-bids /data /out/ugi-bids participant -w /work --sloppy --io-iterations 0 --nprocs 2 --omp-nthreads 1 2>&1 | tail -3
 echo "  ugi-bids ran in $(( $(date +%s) - began )) s under ch-run as $(id -u ugi-ch) (ugi-ch)"
