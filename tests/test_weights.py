@@ -825,7 +825,7 @@ def test_cli_install_copies_checks_and_records(tmp_path, light_checkpoint, isola
 
 
 def test_cli_install_refuses_a_bad_file_and_leaves_the_cache_alone(tmp_path, isolated_cache,
-                                                                    capsys):
+                                                                    capsys, monkeypatch):
     bad = tmp_path / "bad.trch"
     bad.write_bytes(b"not a checkpoint")
     assert weights_cli.main(["install", str(bad)]) == WeightsError.exit_code
@@ -834,6 +834,14 @@ def test_cli_install_refuses_a_bad_file_and_leaves_the_cache_alone(tmp_path, iso
     assert f"weights file {bad}" in err and "nothing was installed" in err
     target = W.cached_path("unigradicon")
     assert not target.parent.exists() or not any(target.parent.iterdir())
+    assert weights_cli.main(["install", str(tmp_path / "missing.trch")]) == WeightsError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.trch does not exist" in err and "--weights" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("UGI_BIDS_HOME", str(afile))  # no cache folder can be made: exit 73
+    assert weights_cli.main(["install", str(bad)]) == OutputError.exit_code
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_image_without_weights_says_so(isolated_cache):

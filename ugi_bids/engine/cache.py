@@ -41,11 +41,8 @@ def image_contents() -> dict | None:
     """What a ugi-bids container image baked into ``$UGI_BIDS_HOME`` (``weights``: model name ->
     ``{"path", "sha256"}``, ``templateflow``: relative path -> SHA-256), or None outside such an
     image (or when the record cannot be read)."""
-    home = os.environ.get("UGI_BIDS_HOME")
-    if not home:
-        return None
     try:
-        contents = json.loads((Path(home).expanduser() / IMAGE_CONTENTS).read_text("utf-8"))
-    except (OSError, ValueError):
+        contents = json.loads((cache_dir() / IMAGE_CONTENTS).read_text("utf-8"))
+    except (OSError, ValueError, WeightsError):
         return None
     return contents if isinstance(contents, dict) else None

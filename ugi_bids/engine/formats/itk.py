@@ -363,7 +363,10 @@ def _linear_entries(path: str) -> list[tuple[str, np.ndarray, np.ndarray]] | Non
 def _read_items_linear(path: str) -> list | None:
     """Queue items of an ITK ``.mat``/``.txt`` file of affines (AffineTransform,
     MatrixOffsetTransformBase: what ANTs writes), or None when it holds other types or is not
-    such a file (ITK reads it then). Decoded here so that ANTs' affines need no ITK install."""
+    such a file (ITK reads it then). Decoded here so that ANTs' affines need no ITK install.
+
+    The file's parameters map reference LPS mm to source LPS mm; the items are those maps in
+    RAS mm (reference RAS -> source RAS), as :func:`_read_items_h5` gives them."""
     entries = _linear_entries(path)
     if not entries:
         return None

@@ -563,7 +563,11 @@ def install(model: str, source: PathLike) -> Path:
     :func:`fetch` does with a download; a failure leaves the cache as it was.
     """
     info = model_info(model)
-    source = _explicit_weights(Path(source).expanduser(), info)
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise WeightsError(f"weights file {source} "
+                           f"{'is a folder' if source.is_dir() else 'does not exist'}; give the "
+                           f"{info.display} checkpoint file to install ({info.filename})")
     target = cached_path(info.name)
     _make_cache_folder(target.parent)
     with atomic_file(target, f"the {info.display} weights", fsync=True) as temporary:
