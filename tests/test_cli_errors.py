@@ -83,7 +83,7 @@ def in_tmp(tmp_path, monkeypatch):
     ("nan", 65, "nan"),
     ("four_d", 65, "3d volume"),
     ("missing", 66, "not found"),
-    ("corrupt", 65, "cannot read"),
+    ("corrupt", 65, "truncated"),
 ])
 def test_bad_images_are_refused(in_tmp, good_image, random_checkpoint, capsys, case, code,
                                 phrase):

@@ -118,8 +118,9 @@ def test_prealign_images_writes_the_report_beside_the_affine(tmp_path):
     change[:3, :3] = 1.1 * realdata.rotation_matrix((0.0, 8.0, 0.0))
     for name, volume in (("fixed", fixed), ("moving", realdata.reheader(moving, change))):
         nib.save(volume.to_nifti(), tmp_path / f"{name}_raw.nii.gz")
-        normalise_image(str(tmp_path / f"{name}_raw.nii.gz"), "mri",
-                        str(tmp_path / f"{name}.nii.gz"))
+        _, warnings = normalise_image(str(tmp_path / f"{name}_raw.nii.gz"), "mri",
+                                      str(tmp_path / f"{name}.nii.gz"))
+        assert warnings == []
     out_file, report = prealign_images(
         str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "affine",
         str(tmp_path / "prealign_xfm.h5"), network_size=65, dof=7,

@@ -155,6 +155,7 @@ def run_register(args: argparse.Namespace) -> dict:
     import nibabel as nib
     import torch
 
+    from ..engine.checks import check_registrable
     from ..engine.formats.itk import write_composite_h5, write_displacement_nifti
     from ..engine.formats.staging import check_output_folder, staged_outputs
     from ..engine.registrar import Registrar
@@ -173,6 +174,10 @@ def run_register(args: argparse.Namespace) -> dict:
     moving = load_volume(args.moving, "moving image")
     fixed_mask = load_volume(args.fixed_mask, "fixed mask") if args.fixed_mask else None
     moving_mask = load_volume(args.moving_mask, "moving mask") if args.moving_mask else None
+    # every image check before the weights load and anything is written
+    for warning in (check_registrable(fixed, args.fixed_modality, "fixed image")
+                    + check_registrable(moving, args.moving_modality, "moving image")):
+        LOGGER.warning("%s", warning)
     registrar = Registrar(args.model, args.weights, device=args.device,
                           network_size=args.network_size, download=args.download_weights,
                           precision=args.precision, io_checkpointing=args.io_checkpointing)

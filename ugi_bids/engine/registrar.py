@@ -63,6 +63,7 @@ from .options import (
     SIMILARITIES,
 )
 from .prealign import affine as prealign_module
+from .checks import check_registrable
 from .prealign.foreground import BODY_HU, body_mask
 from .preprocess import CT_WINDOW_HU, binarise_mask, preprocess
 from .spatial.geometry import Grid, network_box, network_box_grid, to_tensor_layout
@@ -370,6 +371,8 @@ class Registrar:
         check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
                       masking=masking, prealign=prealign, io_similarity=io_similarity)
         start = time.perf_counter()
+        warnings = (check_registrable(fixed, fixed_modality, "fixed image")
+                    + check_registrable(moving, moving_modality, "moving image"))
         fixed_inside = None if fixed_mask is None else binarise_mask(fixed_mask, fixed, "fixed mask")
         moving_inside = None if moving_mask is None else binarise_mask(moving_mask, moving,
                                                                         "moving mask")
@@ -386,7 +389,7 @@ class Registrar:
             prealign_dof=prealign_dof,
             settings={"fixed_modality": fixed_modality, "moving_modality": moving_modality,
                       "masking": masking if (fixed_mask is not None or moving_mask is not None)
-                      else None})
+                      else None, "input_warnings": warnings})
 
     def register_many(self, fixed: Volume, movings: Iterable[Volume | str | os.PathLike], *,
                       fixed_modality: str = DEFAULT_MODALITY,
@@ -407,6 +410,7 @@ class Registrar:
                       prealign=prealign, io_similarity=io_similarity)
         fixed_inside = None if fixed_mask is None else binarise_mask(fixed_mask, fixed,
                                                                       "fixed mask")
+        fixed_warnings = check_registrable(fixed, fixed_modality, "fixed image")
         fixed_n = preprocess(fixed, fixed_modality, fixed_mask, True, "fixed image")
         prealign_inside = (fixed_inside if fixed_inside is not None or prealign != "affine"
                            else prealign_mask(fixed_n, fixed_modality))
@@ -418,6 +422,7 @@ class Registrar:
                 moving = load_volume(moving)
             read_s = time.perf_counter() - start
             start = time.perf_counter()
+            warnings = fixed_warnings + check_registrable(moving, moving_modality, "moving image")
             moving_n = preprocess(moving, moving_modality, None, False, "moving image")
             preprocess_s = time.perf_counter() - start
             yield self._align_and_register(
@@ -426,7 +431,8 @@ class Registrar:
                 io_learning_rate=io_learning_rate, prealign_dof=prealign_dof,
                 timings={"read_s": read_s, "preprocess_s": preprocess_s},
                 settings={"fixed_modality": fixed_modality, "moving_modality": moving_modality,
-                          "masking": "input" if fixed_mask is not None else None})
+                          "masking": "input" if fixed_mask is not None else None,
+                          "input_warnings": warnings})
 
     def _align_and_register(self, fixed: Volume, moving: Volume, *, prealign: str,
                             fixed_mask: np.ndarray | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..engine.checks import check_registrable
 from ..engine.formats.staging import staged_outputs
 from ..engine.options import (DEFAULT_DEVICE, DEFAULT_IO_CHECKPOINTING, DEFAULT_MODALITY,
                               DEFAULT_MODEL, DEFAULT_NETWORK_SIZE, DEFAULT_PREALIGN_DOF,
@@ -38,12 +39,17 @@ def _save(volume: Volume, path: str | os.PathLike, dtype=np.float32) -> str:
 
 
 def normalise_image(in_file: str, modality: str, out_file: str, mask_file: str | None = None,
-                    apply_mask: bool = False) -> str:
+                    apply_mask: bool = False) -> tuple[str, list[str]]:
     """Write ``in_file`` normalised for the network (see :mod:`.preprocess`) to ``out_file``
-    (float32 NIfTI, same grid). With ``apply_mask`` the binarised mask is multiplied in."""
+    (float32 NIfTI, same grid). With ``apply_mask`` the binarised mask is multiplied in.
+
+    The image must be registrable (:func:`~ugi_bids.engine.checks.check_registrable`); returns
+    ``(out_file, warnings)``, the warnings being that check's (for the provenance)."""
     volume = load_volume(in_file)
+    warnings = check_registrable(volume, modality, f"image {in_file}")
     mask = load_volume(mask_file, "mask") if mask_file else None
-    return _save(preprocess(volume, modality, mask, apply_mask, f"image {in_file}"), out_file)
+    return _save(preprocess(volume, modality, mask, apply_mask, f"image {in_file}"),
+                 out_file), warnings
 
 
 def prealign_images(fixed_file: str, moving_file: str, mode: str, out_file: str, *,

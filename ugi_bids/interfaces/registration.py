@@ -41,6 +41,8 @@ class _NormaliseInputSpec(BaseInterfaceInputSpec):
 
 class _NormaliseOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="intensities clipped and scaled to [0, 1], float32")
+    warnings = traits.List(traits.Str, desc="the image's intensities do not look like its "
+                                             "modality (one sentence each)")
 
 
 class NormaliseIntensities(SimpleInterface):
@@ -50,7 +52,7 @@ class NormaliseIntensities(SimpleInterface):
     output_spec = _NormaliseOutputSpec
 
     def _run_interface(self, runtime):
-        self._results["out_file"] = files.normalise_image(
+        self._results["out_file"], self._results["warnings"] = files.normalise_image(
             self.inputs.in_file, self.inputs.modality,
             os.path.join(runtime.cwd, "normalised.nii.gz"))
         return runtime

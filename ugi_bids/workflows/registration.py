@@ -180,6 +180,7 @@ resampled into the template space with trilinear interpolation in a single step.
         (register, provenance, [("provenance", "provenance")]),
         (jacobian, provenance, [("folded_fraction", "folded_fraction")]),
         (prealign_node, provenance, [("report", "prealignment")]),
+        (normalise_moving, provenance, [("warnings", "input_warnings")]),
         (inputnode, similarity, [("template_image", "fixed")]),
         (resample, similarity, [("out_file", "warped")]),
         (similarity, provenance, [("similarity", "similarity")]),
@@ -195,14 +196,16 @@ resampled into the template space with trilinear interpolation in a single step.
 
 
 def _add_folding(provenance: dict, folded_fraction: float, similarity: float,
-                 prealignment: dict | None = None) -> dict:
+                 prealignment: dict | None = None, input_warnings: list | None = None) -> dict:
     """The registration provenance plus the pre-alignment's report (``Prealignment``, BIDS-style
-    keys; only for the ``affine`` mode), the folded-voxel fraction of the forward map and the
+    keys; only for the ``affine`` mode), the folded-voxel fraction of the forward map, the
     similarity of the result (NCC of the template and the resampled image, in the template's
-    brain mask)."""
+    brain mask) and the input image's warnings (``InputWarnings``: intensities that do not look
+    like its modality), when there are any."""
     from ugi_bids.interfaces.files import prealignment_metadata
 
     report = prealignment_metadata(prealignment)
     return dict(provenance, **({"Prealignment": report} if report else {}),
+                **({"InputWarnings": list(input_warnings)} if input_warnings else {}),
                 FoldedVoxelFraction=float(folded_fraction), SimilarityMetric="NCC",
                 Similarity=float(similarity))
