@@ -317,7 +317,7 @@ def stand_in_run(site, monkeypatch):
         return workflow
 
     stand_in_run_state = {"marker": "ok-"}
-    monkeypatch.setattr(cli_run, "select_inputs", lambda config: participants)
+    monkeypatch.setattr(cli_run, "select_inputs", lambda config, skipped=None: participants)
     monkeypatch.setattr(cli_run, "resolve_resources", resolve_resources)
     monkeypatch.setattr(base, "init_ugi_wf", init_ugi_wf)
     yield types.SimpleNamespace(markers=markers, state=stand_in_run_state)
@@ -369,7 +369,13 @@ def test_failed_run_keeps_the_work_dir(site, stand_in_run, capsys):
     stand_in_run.state["marker"] = "fail-"
     config = parse("-w", "work", "--nprocs", "1", "--device", "cpu", "--clean-workdir")
     assert cli_run.run(config) == 1
-    assert "processing step(s) failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # one line per failed node: participant, step, cause, crash file
+    lines = err.splitlines()
+    assert [line.split(" (crash file: ")[0] for line in lines] == [
+        f"ugi-bids: error: sub-{label}: step failed: RuntimeError: this step fails on purpose"
+        for label in ("01", "02")], err
+    assert all(Path(line.split(" (crash file: ")[1].rstrip(")")).is_file() for line in lines)
     assert sorted(p.name for p in (site / "work" / "ugi_bids_test_wf").iterdir()) == [
         "sub_01_wf", "sub_02_wf"]
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..config import Config
-from ..errors import NoDataError, UsageError, guarded
+from ..errors import InputDataError, NoDataError, UsageError, guarded, one_line
 from .parser import PROG, parse_args
 
 LOGGER = logging.getLogger("ugi_bids")
@@ -39,33 +39,78 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging(verbose: int) -> None:
+    """Our progress lines and warnings always show, one line each. Library output (nipype's
+    node logs and tracebacks, Python warnings) only with ``-v``: at the default verbosity a
+    failed step is reported by :func:`report_failed_nodes`, one line per node."""
+    import warnings
+
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%y%m%d-%H:%M:%S", stream=sys.stderr)
     LOGGER.setLevel(min(level, logging.INFO))  # our own progress lines always show
-    # engine details (pre-alignment levels, IO steps) only with -v
-    logging.getLogger("ugi_bids.engine").setLevel(logging.INFO if verbose else logging.WARNING)
-    from nipype import logging as nipype_logging
-    nipype_logging.getLogger("nipype.workflow").setLevel(
-        logging.INFO if verbose else logging.WARNING)
+    # engine details (pre-alignment levels, IO steps) and input selection details only with -v
+    for name in ("ugi_bids.engine", "ugi_bids.utils.bids"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging  # noqa: F401 (sets up nipype's handlers)
+
+    # nipype adds its own stdout handler: its messages would come twice (stdout and our
+    # stderr); they go through ours only
+    nipype_root = logging.getLogger("nipype")
+    for handler in list(nipype_root.handlers):
+        nipype_root.removeHandler(handler)
+    nipype_level = ("DEBUG" if verbose > 1 else "INFO" if verbose == 1 else "CRITICAL")
+    nipype_config.update_config({"logging": {"workflow_level": nipype_level,
+                                             "interface_level": nipype_level,
+                                             "utils_level": nipype_level}})
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(nipype_level)
+    if not verbose:
+        warnings.simplefilter("ignore")  # forked workers inherit it
 
 
-def select_inputs(config: Config) -> dict:
-    """``{participant: {session: {suffix: reference image}}}`` for the run; participants (or
-    sessions) without any usable image are reported and skipped, or stop the run under
-    ``--stop-on-first-crash``."""
+def select_inputs(config: Config, skipped: dict | None = None) -> dict:
+    """``{participant: {session: {suffix: reference image}}}`` for the run.
+
+    Every selected image is read and checked here, before anything is written: readable,
+    3-D, finite, a valid header (:func:`~ugi_bids.engine.spatial.volume.load_volume`, with
+    ``--mem`` bounding the memory an image may take) and registrable
+    (:func:`~ugi_bids.engine.checks.check_registrable`; its modality warnings are logged).
+
+    Participants (or sessions) without any image are reported and skipped. A participant with
+    an unusable image is reported and skipped (its reason goes into ``skipped``, by label),
+    or stops the run under ``--stop-on-first-crash``. Raises :class:`InputDataError` (65)
+    when every participant was skipped for an unusable image, :class:`NoDataError` (18) when
+    nothing was selected otherwise."""
+    from ..config import SUFFIX_MODALITY
+    from ..engine.checks import check_registrable
     from ..engine.spatial.volume import load_volume
     from ..utils.bids import (
         collect_anatomicals,
         load_layout,
         participants,
         select_reference,
+        strip_prefix,
+        unindexed_participants,
     )
 
+    skipped = {} if skipped is None else skipped
+    memory = int(config.mem_gb * 1e9) if config.mem_gb else None  # --mem: decimal GB
     layout = load_layout(config.bids_dir, config.bids_database_dir,
                          validate=not config.skip_bids_validation)
+    # pybids leaves out a sub-<label> folder without any BIDS file (an empty anat/): report it
+    empty = unindexed_participants(layout)
+    wanted = [strip_prefix(label, "sub-") for label in config.participant_label]
+    labels = [label for label in wanted if label not in empty]
+    if wanted and not labels:
+        raise NoDataError("no usable image: the folder of {} in {} holds no BIDS image".format(
+            ", ".join(f"sub-{label}" for label in wanted), config.bids_dir))
+    # reported once the run is known to go on: a run that stops says one line only
+    reports = [_no_image(config, participant, None, "its folder holds no BIDS image")
+               for participant in ([label for label in wanted if label in empty]
+                                   if wanted else empty)]
     selected = {}
-    for participant in participants(layout, config.participant_label):
+    for participant in participants(layout, labels):
         found = collect_anatomicals(layout, participant, suffixes=tuple(config.anat_suffixes),
                                     sessions=tuple(config.session_label),
                                     filters=config.bids_filters)
@@ -75,29 +120,55 @@ def select_inputs(config: Config) -> dict:
                       if files}
             if chosen:
                 sessions[session] = chosen
-            else:
-                _no_image(config, participant, session)
+            elif session is not None:  # a participant without sessions: reported below
+                reports.append(_no_image(config, participant, session))
         if not sessions:
-            _no_image(config, participant, None)
+            reports.append(_no_image(config, participant, None))
             continue
-        for suffixes in sessions.values():
-            for image in suffixes.values():
-                load_volume(image, "anatomical image")  # bad data stop the run here (exit 65)
+        try:
+            for suffixes in sessions.values():
+                for suffix, image in suffixes.items():
+                    volume = load_volume(image, f"{suffix} image", memory)
+                    for warning in check_registrable(volume, SUFFIX_MODALITY[suffix],
+                                                     f"{suffix} image {image}"):
+                        LOGGER.warning("sub-%s: %s", participant, warning)
+                    del volume
+        except InputDataError as error:
+            reason = one_line(error)
+            if config.stop_on_first_crash:
+                raise InputDataError(f"sub-{participant}: {reason} (stopping: "
+                                     "--stop-on-first-crash)") from None
+            skipped[participant] = reason
+            continue
         selected[participant] = sessions
+    if not selected and skipped:
+        first = next(iter(skipped))
+        more = f" (and {len(skipped) - 1} more participant(s))" if len(skipped) > 1 else ""
+        raise InputDataError(f"no participant could be processed: sub-{first}: "
+                             f"{skipped[first]}{more}")
     if not selected:
         raise NoDataError("no usable anatomical image ({}) was selected for participant(s) {}; "
                           "check --participant-label, --session-label, --anat-suffixes and the "
                           "BIDS filter file".format(", ".join(config.anat_suffixes),
                                                     ", ".join(config.participant_label) or "(all)"))
+    for report in reports:
+        LOGGER.warning("%s", report)
+    for participant, reason in skipped.items():
+        LOGGER.warning("sub-%s: skipped: %s", participant, reason)
     return selected
 
 
-def _no_image(config: Config, participant: str, session: str | None) -> None:
+def _no_image(config: Config, participant: str, session: str | None,
+              why: str | None = None) -> str:
+    """The report of a participant (or session) without any image to process; raises under
+    ``--stop-on-first-crash``."""
     where = f"sub-{participant}" + (f" ses-{session}" if session else "")
     message = f"{where}: no usable {'/'.join(config.anat_suffixes)} image"
+    if why:
+        message += f" ({why})"
     if config.stop_on_first_crash:
         raise NoDataError(message + " (stopping: --stop-on-first-crash)")
-    LOGGER.warning("%s; skipped", message)
+    return message + "; skipped"
 
 
 def resolve_resources(config: Config) -> tuple[dict, list, list]:
@@ -260,10 +331,12 @@ def run(config: Config) -> int:
     """Build and run the workflow for ``config``; returns the exit code."""
     from nipype import config as nipype_config
 
+    from ..engine.formats.staging import check_output_folder, make_folder, remove_stale_staging
     from ..engine.model.precision import effective_precision
     from ..engine.model.device import resolve_device
     from ..workflows.base import init_ugi_wf
 
+    check_output_folder(config.output_dir)
     if config.analysis_level == "group":
         from ..utils.group import participants_with_results, run_group
 
@@ -278,14 +351,17 @@ def run(config: Config) -> int:
                 LOGGER.info("no participant-level results: no group tables")
                 return 0
         return run_group(config)
+    check_output_folder(config.work_dir, "work folder")
     requested = copy.copy(config)  # the settings as asked: the run's ugi-bids.toml
     device = resolve_device(config.device)  # "cuda" without a GPU stops here, before any work
     # The provenance and the boilerplate must say what runs, not what was asked for.
     config.precision = effective_precision(config.precision, device)
-    subjects = select_inputs(config)
+    skipped: dict[str, str] = {}
+    subjects = select_inputs(config, skipped)
     templates, atlases, libraries = resolve_resources(config)
 
-    config.work_dir.mkdir(parents=True, exist_ok=True)
+    # every check has passed: from here on, folders and files are written
+    make_folder(config.work_dir, "work folder")
     nipype_config.update_config({
         # poll_sleep_duration: nipype waits this long between scheduling rounds (default 2 s),
         # and a chain of cached nodes takes one round each: 0.1 s makes a rerun quick
@@ -298,7 +374,11 @@ def run(config: Config) -> int:
     use_gpu = device.type == "cuda"
     workflow = init_ugi_wf(config, subjects, templates, use_gpu=use_gpu, atlases=atlases,
                            libraries=libraries)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(config.output_dir)
+    stale = remove_stale_staging(config.output_dir)
+    if stale:
+        LOGGER.info("removed %d staged file(s) that interrupted runs left in %s", len(stale),
+                    config.output_dir)
     write_dataset_files(config, workflow, [*atlases, *libraries])
     if config.boilerplate_only:
         LOGGER.info("boilerplate written to %s", config.output_dir / "logs")
@@ -319,11 +399,11 @@ def run(config: Config) -> int:
         else:
             workflow.run(**settings)
     except RuntimeError as error:  # nipype: a node failed ("Workflow did not execute cleanly")
-        crash_files = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*"))
-        folders = sorted({str(path.parent) for path in crash_files}) or ["the log folders"]
-        what = (str(error) if isinstance(error, DeadWorkerError) else
-                f"{len(crash_files) or 'some'} processing step(s) failed; see the crash files")
-        print(f"ugi-bids: error: {what} in {', '.join(folders)}", file=sys.stderr)
+        if isinstance(error, DeadWorkerError):
+            print(f"ugi-bids: error: {one_line(error)}", file=sys.stderr)
+        else:
+            report_failed_nodes(config)
+        _report_skipped(skipped)
         return 1
     if settings["plugin"] == "SLURMGraph":
         # nipype's SLURMGraph submits the whole graph with job dependencies and returns
@@ -334,7 +414,64 @@ def run(config: Config) -> int:
     LOGGER.info("ugi-bids finished: %s", config.output_dir)
     if config.clean_workdir:
         clean_work_dir(config, workflow)
-    return 0
+    return _report_skipped(skipped)
+
+
+def _report_skipped(skipped: dict[str, str]) -> int:
+    """One line for the participants skipped for an unusable image; the run's exit code so far
+    (1 when any was skipped, else 0)."""
+    if not skipped:
+        return 0
+    print("ugi-bids: error: {} participant(s) skipped for an unusable image: {}".format(
+        len(skipped), "; ".join(f"sub-{label}: {reason}" for label, reason in skipped.items())),
+        file=sys.stderr)
+    return 1
+
+
+def failed_nodes(config: Config) -> list[dict]:
+    """What the crash files of this run say, one entry per failed node: ``participant``
+    (label, or None), ``step`` (the node's path inside the participant's workflow), ``cause``
+    (the exception's last line: our own errors' message, other exceptions' class name without
+    its module and message) and ``crash_file``."""
+    found = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*"))
+    found += sorted((config.output_dir / "log" / config.run_uuid).glob("crash-*"))
+    nodes = []
+    for path in found:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        node = next((line.split(":", 1)[1].strip() for line in lines
+                     if line.startswith("Node:")), path.stem)
+        cause = next((line.strip() for line in reversed(lines) if line.strip()), "unknown")
+        kind, colon, text = cause.partition(": ")
+        if colon and " " not in kind:  # "package.module.SomeError: text"
+            cause = text if kind.startswith("ugi_bids.errors.") else \
+                f"{kind.rsplit('.', 1)[-1]}: {text}"
+        parts = node.split(".")
+        in_participant = [part.startswith("sub_") and part.endswith("_wf") for part in parts]
+        participant = next((part[4:-3] for part, is_sub in zip(parts, in_participant)
+                            if is_sub), None)
+        step = ".".join(part for part, is_sub in zip(parts[1:], in_participant[1:])
+                        if not is_sub) or node
+        nodes.append({"participant": participant, "step": step, "cause": cause,
+                      "crash_file": str(path)})
+    return nodes
+
+
+def report_failed_nodes(config: Config) -> int:
+    """Print one line per failed node of this run (participant, step, cause, crash file) on
+    stderr; the traceback stays in the crash file (and on the terminal with ``-v``). Returns
+    the number of lines."""
+    nodes = failed_nodes(config)
+    for node in nodes:
+        who = f"sub-{node['participant']}: " if node["participant"] else ""
+        print(f"ugi-bids: error: {who}{node['step']} failed: {one_line(node['cause'], 300)} "
+              f"(crash file: {node['crash_file']})", file=sys.stderr)
+    if not nodes:
+        print(f"ugi-bids: error: processing failed; see the log folders in {config.output_dir}",
+              file=sys.stderr)
+    return max(len(nodes), 1)
 
 
 def _environment(config: Config, device) -> dict:

@@ -16,8 +16,9 @@ displacement fields (``.nii.gz``), and atlas-derived segmentations keep ``atlas-
 Writes are atomic: the parent class writes into a hidden staging folder inside the output
 folder (same file system), then every produced file is moved into place with ``os.replace``.
 A reader never sees a half-written file under a final name, and a failure leaves nothing
-behind. A process killed with SIGKILL can leave a hidden ``.ugi-bids-sink-*`` folder behind;
-it holds nothing that was published and can be deleted.
+behind. A process killed with SIGKILL can leave a hidden ``.ugi-bids-sink-<host>+<pid>-*``
+folder behind; it holds nothing that was published, and the next ``ugi-bids`` run into the
+folder removes it (:func:`~ugi_bids.engine.formats.staging.remove_stale_staging`).
 
 Usage is that of niworkflows' sink (entities as inputs; ``from`` is a Python keyword, so pass it
 as ``**{"from": "T1w"}``); ``base_directory`` is ``OUTPUT_DIR`` (``out_path_base`` is empty,
@@ -37,8 +38,11 @@ from typing import Any
 from nipype.interfaces.base import isdefined
 from niworkflows.interfaces.bids import DerivativesDataSink as _NiworkflowsDataSink
 
-#: Prefix of the per-run hidden staging folders created inside the output folder.
-STAGING_PREFIX = ".ugi-bids-sink-"
+from ..engine.formats.staging import SINK_STAGING_PREFIX, owner_tag
+
+#: Prefix of the per-run hidden staging folders created inside the output folder (the owner's
+#: host and pid follow it, so that the next run can remove a dead run's folder).
+STAGING_PREFIX = SINK_STAGING_PREFIX
 
 #: Suffixes whose files are copied byte for byte (no NIfTI header "fixes").
 _VERBATIM_SUFFIXES = frozenset({"xfm"})
@@ -76,7 +80,7 @@ class DerivativesDataSink(_NiworkflowsDataSink):
     def _run_interface(self, runtime):
         final_root = self._final_root(runtime)
         final_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=final_root))
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{owner_tag()}-", dir=final_root))
         saved = self._redirect_inputs(staging)
         user_resolution = self._user_resolution()
         try:

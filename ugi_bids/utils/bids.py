@@ -154,6 +154,15 @@ def participants(layout, labels: Sequence[str] = ()) -> list[str]:
     return wanted or found
 
 
+def unindexed_participants(layout) -> list[str]:
+    """Labels of the ``sub-<label>`` folders of the dataset in which pybids indexed no file
+    (an empty ``anat/``, images with non-BIDS names): the caller reports them, where pybids
+    would leave them out silently."""
+    indexed = set(layout.get_subjects())
+    return sorted(path.name[4:] for path in Path(layout.root).glob("sub-*")
+                  if path.is_dir() and path.name[4:] not in indexed)
+
+
 def sessions_of(layout, participant: str, labels: Sequence[str] = ()) -> list[str | None]:
     """The sessions of ``participant`` to process: all of them (sorted), or those of ``labels``
     (with or without ``ses-``) that the participant has. A participant without sessions gives
@@ -292,11 +301,16 @@ def collect_anatomicals(layout, participant: str, *, suffixes: Sequence[str] = (
                     layout, participant, bids_filters=scoped, queries=queries,
                     session_id=session if session is not None else Query.NONE)
             except ValueError as exc:  # pybids: a filter names an unknown entity; say which
+                # (pybids' own advice, "set invalid_filters='allow'", is not a user's option)
                 known = set(layout.get_entities())
-                culprits = [name for name, entities in scoped.items()
-                            if entities and set(entities) - known]
-                where = f" for {', '.join(map(repr, culprits))}" if culprits else ""
-                raise BIDSFilterError(f"BIDS filter{where}: {one_line(exc)}") from None
+                unknown = {name: sorted(set(entities) - known)
+                           for name, entities in scoped.items() if set(entities) - known}
+                if not unknown:
+                    raise BIDSFilterError(f"BIDS filter: {one_line(exc)}") from None
+                name, entities = next(iter(unknown.items()))
+                raise BIDSFilterError(
+                    f"BIDS filter for {name!r}: unknown entity {entities[0]!r}; use one of "
+                    f"{', '.join(sorted(name for name in known if name.islower()))}") from None
         found[session] = {suffix: collected.get(name, []) for suffix, name in names.items()}
     return found
 

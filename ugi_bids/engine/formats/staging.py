@@ -10,6 +10,9 @@ Concurrent writers of the same name each rename a complete file (the last one wi
 from __future__ import annotations
 
 import os
+import re
+import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +21,28 @@ from typing import Iterator
 from ...errors import OutputError, UgiError, one_line
 
 _DOUBLE_SUFFIXES = (".nii.gz", ".tar.gz")
+
+#: Temporary names of this module's staged files (``.<stem>.partial-<owner>-<token><suffix>``)
+#: and of the output sink's staging folders (``.ugi-bids-sink-<owner>-<random>``), where
+#: ``<owner>`` is :func:`owner_tag` (absent in names written by ugi-bids before 0.2).
+STAGED_NAME = re.compile(r"^\..*\.partial-(?:(?P<host>[A-Za-z0-9-]+)\+(?P<pid>\d+)-)?[0-9a-f]{8}")
+SINK_STAGING_PREFIX = ".ugi-bids-sink-"
+_SINK_NAME = re.compile(r"^\.ugi-bids-sink-(?:(?P<host>[A-Za-z0-9-]+)\+(?P<pid>\d+)-)?")
+
+#: A staged file or folder whose writer cannot be checked (another host, or a name without an
+#: owner) is a dead run's leftover once it is this old, seconds: a live writer renames its
+#: files within seconds of writing them.
+STALE_AFTER_S = 3600.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+def owner_tag() -> str:
+    """``<short host name>+<pid>``: who writes a staged file, so that a later run can tell a
+    dead run's leftovers from a live run's files in progress."""
+    return f"{_host()}+{os.getpid()}"
 
 
 def _split_suffix(name: str) -> tuple[str, str]:
@@ -39,7 +64,7 @@ class StagedOutputs:
         """A temporary path to write ``final``'s content to; renamed at commit."""
         final = Path(final)
         stem, suffix = _split_suffix(final.name)
-        temporary = final.with_name(f".{stem}.partial-{self._token}{suffix}")
+        temporary = final.with_name(f".{stem}.partial-{owner_tag()}-{self._token}{suffix}")
         self._pending.append((temporary, final))
         return str(temporary)
 
@@ -61,16 +86,79 @@ class StagedOutputs:
                 pass
 
 
-def check_output_folder(folder: str | os.PathLike) -> None:
+def check_output_folder(folder: str | os.PathLike, what: str = "output folder") -> None:
     """Fail early (OutputError, exit 73) when ``folder`` cannot be created or written, without
-    creating anything: checked on its nearest existing ancestor."""
+    creating anything: checked on its nearest existing ancestor (a file in the way, a folder
+    this user cannot write, a read-only file system)."""
     path = Path(os.path.abspath(folder))
-    while not path.exists():
+    while not path.exists() and not path.is_symlink():
         path = path.parent
     if not path.is_dir():
-        raise OutputError(f"cannot create output folder {folder}: {path} is not a folder")
+        raise OutputError(f"cannot create {what} {folder}: {path} is not a folder")
     if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to output folder {folder}: {path} is not writable")
+        reason = ("is on a read-only file system"
+                  if os.statvfs(path).f_flag & os.ST_RDONLY else "is not writable")
+        raise OutputError(f"cannot write to {what} {folder}: {path} {reason}")
+
+
+def make_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` (and its parents); failure is a one-line OutputError (exit 73)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {folder}: {exc.strerror or one_line(exc)}"
+                          ) from None
+    return folder
+
+
+def _writer_is_dead(host: str | None, pid: str | None, modified: float, now: float) -> bool:
+    if host == _host() and pid is not None:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError, ValueError):
+            pass  # alive (another user's process), or not a pid
+        else:
+            return False
+    return now - modified > STALE_AFTER_S
+
+
+def remove_stale_staging(root: str | os.PathLike) -> list[Path]:
+    """Remove, under ``root``, the staged files and sink staging folders that dead runs left
+    (a ``kill -9``, an out-of-memory kill, a node lost): those of this host whose writer's pid
+    is gone, and any other older than :data:`STALE_AFTER_S`. Files of live runs stay, so this
+    is safe while other runs write into ``root``. Returns what was removed; a leftover that
+    cannot be removed is kept (the next run tries again)."""
+    import shutil
+
+    now, removed = time.time(), []
+    for folder, subfolders, files in os.walk(root):
+        for name in list(subfolders):
+            match = _SINK_NAME.match(name)
+            if match is None:
+                continue
+            subfolders.remove(name)  # never descend into a staging folder
+            path = Path(folder) / name
+            try:
+                if _writer_is_dead(match["host"], match["pid"], path.lstat().st_mtime, now):
+                    shutil.rmtree(path)
+                    removed.append(path)
+            except OSError:
+                continue
+        for name in files:
+            match = STAGED_NAME.match(name)
+            if match is None:
+                continue
+            path = Path(folder) / name
+            try:
+                if _writer_is_dead(match["host"], match["pid"], path.lstat().st_mtime, now):
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                continue
+    return removed
 
 
 @contextmanager
@@ -80,10 +168,7 @@ def staged_outputs(folder: str | os.PathLike | None = None) -> Iterator[StagedOu
     ``folder`` is created first when given (an uncreatable folder is an OutputError, exit 73).
     """
     if folder is not None:
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create output folder {folder}: {exc.strerror}") from None
+        make_folder(folder)
     staged = StagedOutputs()
     try:
         yield staged
