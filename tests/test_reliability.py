@@ -394,6 +394,9 @@ CASES = [
          args=lambda bids, out, site, folder: [
              "NoSuchTemplate" if arg == SPACE else arg
              for arg in resolved(app_args(bids, out), site)]),
+    Case("output_inside_bids_dir", 2, "inside BIDS_DIR",
+         args=lambda bids, out, site, folder: resolved(
+             app_args(bids, bids / "derivatives" / "ugi-bids"), site)),
     Case("missing_weights", 66, "not found",
          args=_weights(lambda folder, site: folder / "no-such-weights.trch")),
     Case("empty_weights", 66, "EOFError", args=_weights(_empty_weights)),

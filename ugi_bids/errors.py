@@ -10,12 +10,14 @@ Exit codes (BIDS-App 2.0 draft; :data:`EXIT_CODES`):
 
 ====  ======================================================================================
 0     success
-1     a processing step failed (``ugi-bids``: crash files are named on stderr)
+1     a processing step failed (``ugi-bids``: one line per failed step, naming its crash file),
+      or some participants were skipped for an unusable image
 2     usage: bad option values, unreadable option files, a folder inside ``BIDS_DIR``
 16    ``BIDS_DIR`` is not a valid BIDS dataset
 17    unknown analysis level
 18    the filters selected no usable image (for example an unknown participant)
-65    unusable image data (corrupt, 4D, NaN, constant)
+65    unusable image data (corrupt, 4D, NaN, constant, degenerate, no orientation, a header that
+      declares more than the file holds)
 66    a missing input: image, weights, template, option file
 73    an output cannot be written
 130   interrupted (Ctrl-C)
