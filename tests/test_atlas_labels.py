@@ -310,15 +310,20 @@ def test_offline_missing_templateflow_atlas_is_one_line(site, tmp_path):
 
 
 @pytest.mark.slow
-def test_unknown_atlas_and_bad_space_are_usage_errors(site, tmp_path):
+def test_unknown_atlas_and_bad_space_are_usage_errors(site, tmp_path, monkeypatch):
+    from tests.inprocess import run_in_process
+    from ugi_bids.cli.run import main
+
+    for name in ("TEMPLATEFLOW_HOME", "TEMPLATEFLOW_AUTOUPDATE", "UGI_BIDS_HOME"):
+        monkeypatch.setenv(name, site["env"][name])
     out = tmp_path / "out"
-    result = ugi_bids([site["bids"], out, "participant", "--output-spaces", SPACE,
-                       "--atlases", "NoSuchAtlas", *_common(site)], site["env"], tmp_path)
-    assert result.returncode == 2 and "in none of the output spaces" in result.stderr
-    result = ugi_bids([site["bids"], out, "participant", "--output-spaces", SPACE,
-                       "--atlases", f"DK={dk_atlas_path()},space=Elsewhere", *_common(site)],
-                      site["env"], tmp_path)
-    assert result.returncode == 2 and "not an output space" in result.stderr
+    code, stderr = run_in_process(main, [site["bids"], out, "participant", "--output-spaces",
+                                         SPACE, "--atlases", "NoSuchAtlas", *_common(site)])
+    assert code == 2 and "in none of the output spaces" in stderr
+    code, stderr = run_in_process(main, [
+        site["bids"], out, "participant", "--output-spaces", SPACE, "--atlases",
+        f"DK={dk_atlas_path()},space=Elsewhere", *_common(site)])
+    assert code == 2 and "not an output space" in stderr
     assert not out.exists()
 
 

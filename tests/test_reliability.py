@@ -25,7 +25,6 @@ import gzip
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ import pytest
 from tests import realdata
 from tests.bidsdata import make_templateflow_home
 from tests.checkpoints import write_random_checkpoint
+from tests.inprocess import run_in_process
 from ugi_bids.cli import register as cli_register
 from ugi_bids.cli import run as cli_run
 from ugi_bids.engine.spatial.volume import load_volume
@@ -118,23 +118,6 @@ def make_dataset(folder: Path, images: dict[str, object]) -> Path:
 def checksums(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_in_process(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str]:
-    """``main(argv)`` as a console script runs it: its exit code and its stderr. The logging
-    setup of the app gets a fresh root logger (pytest's capture handlers are put back after)."""
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    root.handlers = []
-    stderr, stdout = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
-            code = main([str(arg) for arg in argv])
-    finally:
-        root.handlers = saved
-        root.setLevel(level)
-    assert stdout.getvalue() == "", stdout.getvalue()  # nothing on stdout, ever (nipype's logs)
-    return code, stderr.getvalue()
 
 
 def as_unprivileged(function: Callable[[], tuple[int, str]]) -> tuple[int, str]:
@@ -635,8 +618,20 @@ def _dead_pid() -> int:
     return process.pid
 
 
+@pytest.fixture
+def torch_threads_restored():
+    """An in-process run sets torch's thread count (``--omp-nthreads``): later tests keep
+    theirs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_a_run_skips_the_bad_participant_and_cleans_a_dead_runs_staging(site, case_dir):
+def test_a_run_skips_the_bad_participant_and_cleans_a_dead_runs_staging(
+        site, case_dir, torch_threads_restored):
     from ugi_bids.engine.formats.staging import _host
 
     bids = make_dataset(case_dir, {
@@ -680,3 +675,16 @@ def test_a_run_skips_the_bad_participant_and_cleans_a_dead_runs_staging(site, ca
     assert live.exists()
     hidden = [p for p in out.rglob(".*") if p != live]
     assert hidden == [out / ".bidsignore"], hidden
+
+
+def test_modality_check_on_real_ct_and_mri():
+    """Real chest CTs (Hounsfield units) and real brain MRIs: each passes as itself, and is
+    flagged as the other."""
+    from ugi_bids.engine.checks import modality_warning
+
+    ct = realdata.chest_ct(1)
+    mri = load_volume(realdata.mni2009c_brain_path())
+    assert modality_warning(ct.data, "ct") is None
+    assert modality_warning(mri.data, "mri") is None
+    assert "looks like a CT" in modality_warning(ct.data, "mri")
+    assert "does not look like a CT" in modality_warning(mri.data, "ct")

@@ -164,14 +164,16 @@ def run_register(args: argparse.Namespace) -> dict:
         jacobian_determinant,
         log_jacobian,
     )
+    from ..engine.spatial.volume import memory_available_bytes
     from ..engine.spatial.warp import apply_transform
 
     started = time.perf_counter()
     paths = output_paths(args.out_prefix, args.displacement_nifti, args.jacobian)
     out_folder = os.path.dirname(os.path.abspath(paths["summary"]))
     check_output_folder(out_folder)
-    fixed = load_volume(args.fixed, "fixed image")
-    moving = load_volume(args.moving, "moving image")
+    free = memory_available_bytes()  # an image this machine cannot read now fails here
+    fixed = load_volume(args.fixed, "fixed image", free)
+    moving = load_volume(args.moving, "moving image", free)
     fixed_mask = load_volume(args.fixed_mask, "fixed mask") if args.fixed_mask else None
     moving_mask = load_volume(args.moving_mask, "moving mask") if args.moving_mask else None
     # every image check before the weights load and anything is written

@@ -84,7 +84,7 @@ def select_inputs(config: Config, skipped: dict | None = None) -> dict:
     nothing was selected otherwise."""
     from ..config import SUFFIX_MODALITY
     from ..engine.checks import check_registrable
-    from ..engine.spatial.volume import load_volume
+    from ..engine.spatial.volume import load_volume, memory_available_bytes
     from ..utils.bids import (
         collect_anatomicals,
         load_layout,
@@ -95,7 +95,8 @@ def select_inputs(config: Config, skipped: dict | None = None) -> dict:
     )
 
     skipped = {} if skipped is None else skipped
-    memory = int(config.mem_gb * 1e9) if config.mem_gb else None  # --mem: decimal GB
+    # --mem (decimal GB), else what is free now: an image this run cannot even read fails here
+    memory = int(config.mem_gb * 1e9) if config.mem_gb else memory_available_bytes()
     layout = load_layout(config.bids_dir, config.bids_database_dir,
                          validate=not config.skip_bids_validation)
     # pybids leaves out a sub-<label> folder without any BIDS file (an empty anat/): report it

@@ -43,9 +43,26 @@ class Volume:
 _MAX_GZIP_RATIO = 1100
 
 
+def _cgroup_memory() -> tuple[int | None, int]:
+    """The cgroup v2 memory limit (None: none) and what the group uses, bytes."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        return (None if limit == "max" else int(limit)), used
+    except (OSError, ValueError):
+        return None, 0
+
+
+def memory_total_bytes() -> int:
+    """The machine's physical memory, bounded by the cgroup's limit (a container, a Slurm job)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, _ = _cgroup_memory()
+    return total if limit is None else min(total, limit)
+
+
 def memory_available_bytes() -> int:
-    """Memory this process may still use, bytes: the kernel's ``MemAvailable``, bounded by the
-    cgroup's limit (a container or a Slurm job) where one is set."""
+    """Memory this process may still use, bytes: the kernel's ``MemAvailable``, bounded by
+    what the cgroup's limit leaves."""
     available = None
     try:
         with open("/proc/meminfo") as handle:
@@ -56,15 +73,9 @@ def memory_available_bytes() -> int:
     except OSError:
         pass
     if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:  # cgroup v2: the limit and what the group already uses
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            available = min(available, max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
-    return available
+        available = memory_total_bytes()
+    limit, used = _cgroup_memory()
+    return available if limit is None else min(available, max(limit - used, 0))
 
 
 def _gib(size: float) -> str:
@@ -135,8 +146,10 @@ def check_declared_size(img: nib.spatialimages.SpatialImage, path: str, what: st
     """Refuse, before any voxel is read, a declared data size (shape x data type) that the file
     does not hold (a truncated file, or a corrupt header: gzip's uncompressed size is counted,
     streaming), or data that would not fit in memory once read as float32:
-    ``memory_limit_bytes`` (``--mem``), else the memory available now
-    (:func:`memory_available_bytes`). One-line :class:`~ugi_bids.errors.InputDataError`."""
+    ``memory_limit_bytes`` (``--mem``, or :func:`memory_available_bytes` where a command line
+    checks its inputs), else the machine's memory (:func:`memory_total_bytes`: a header no
+    machine here could read; a step inside a run does not fail because others use memory now).
+    One-line :class:`~ugi_bids.errors.InputDataError`."""
     proxy = getattr(img, "dataobj", None)
     shape, dtype, offset = (getattr(proxy, name, None) for name in ("shape", "dtype", "offset"))
     if shape is None or dtype is None:
@@ -149,13 +162,14 @@ def check_declared_size(img: nib.spatialimages.SpatialImage, path: str, what: st
             f"{what} {path}: its header declares shape {tuple(shape)} ({_gib(declared)} of "
             f"{np.dtype(dtype).name}), which a {_gib(size)} compressed file cannot hold "
             "(a corrupt header?)")
-    limit = memory_available_bytes() if memory_limit_bytes is None else memory_limit_bytes
+    limit = memory_total_bytes() if memory_limit_bytes is None else memory_limit_bytes
     needed = voxels * (4 + np.dtype(dtype).itemsize)  # the stored data and their float32 copy
     if needed > limit:
         raise InputDataError(
             f"{what} {path}: its header declares shape {tuple(shape)}, which needs about "
             f"{_gib(needed)} of memory to read, more than the {_gib(limit)} this run may use "
-            "(--mem, or the memory available); check the image, or give more memory")
+            "(--mem, or the memory available); check the header's shape, or give the run "
+            "more memory")
     if isinstance(offset, (int, np.integer)) and \
             _stored_bytes(path, int(offset) + declared) < int(offset) + declared:
         raise InputDataError(
