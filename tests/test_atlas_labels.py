@@ -327,6 +327,7 @@ def test_unknown_atlas_and_bad_space_are_usage_errors(site, tmp_path, monkeypatc
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_atlas_settings_round_trip_through_the_run_toml(tmp_path):
     from ugi_bids.config import Config
     from ugi_bids.utils.atlases import parse_atlas, parse_library

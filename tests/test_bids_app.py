@@ -281,3 +281,18 @@ def test_participant_without_usable_image_is_skipped_or_stops_the_run(setup, tmp
     common[1] = out
     stopped = ugi_bids(common + ["--stop-on-first-crash"], setup["env"], tmp_path)
     _assert_failed_cleanly(stopped, 18, out)
+
+
+@pytest.mark.slow
+def test_template_space_images_carry_the_templates_codes(first_run, setup):
+    """An image resampled into a template lies in its space: it gets the template's qform and
+    sform codes (4, MNI, for TemplateFlow's) and mm units, the header niworkflows' sink wants
+    for a standard space, so the sink copies it instead of re-encoding it."""
+    template = next(Path(setup["env"]["TEMPLATEFLOW_HOME"]).rglob(f"tpl-{SPACE}_res-01_T1w.nii.gz"))
+    expected = tuple(int(nib.load(template).header[name]) for name in ("qform_code", "sform_code"))
+    images = sorted(first_run["out"].rglob(f"*_space-{SPACE}_*.nii.gz"))
+    assert images
+    for image in images:
+        header = nib.load(image).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == expected, image
+        assert header.get_xyzt_units()[0] == "mm", image

@@ -237,6 +237,7 @@ def _small_transform(seed: int = 0, field: bool = True) -> WorldTransform:
 
 # --------------------------------------------------------------------------- ITK semantics
 
+@pytest.mark.slow
 def test_itk_composite_applies_back_of_queue_first(itk):
     """Empirical check of the convention the writer relies on: queue [affine, field] maps p to
     affine(field(p)), for float and double transforms."""

@@ -93,6 +93,7 @@ def test_recovers_known_affine(fixed, mask_points, draw):
     assert error <= 1.0
 
 
+@pytest.mark.slow
 def test_storage_order_does_not_matter(fixed, mask_points):
     truth = true_affines(fixed)[0]
     moved = reheader(fixed, truth)

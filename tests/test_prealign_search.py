@@ -146,6 +146,7 @@ def test_degrees_of_freedom_shape_the_fit(dof, fixed, moving_brain, easy):
         assert np.sqrt(np.diag(gram)).mean() == pytest.approx(1.1, abs=0.05)
 
 
+@pytest.mark.slow
 def test_implausible_fit_falls_back_with_a_warning(fixed, moving_brain, easy, monkeypatch,
                                                    caplog):
     """With the shear bound set to 0.001 (the 12-dof fit of two different brains has about
@@ -226,6 +227,7 @@ def rotated_pair(fixed, moving_brain, easy):
     return fixed, moved
 
 
+@pytest.mark.slow
 def test_torch_path_equals_the_compiled_kernel(rotated_pair, brain_points, monkeypatch):
     """What a GPU runs (the torch similarity; the compiled kernel is CPU-only) gives the CPU's
     answer: at most 0.1 mm apart over the brain, search included."""

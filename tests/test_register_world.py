@@ -191,6 +191,7 @@ def test_itk_reads_our_transforms_like_we_do(registered, hard_pair):
     assert error <= 1e-4 * scale, (error, scale)
 
 
+@pytest.mark.slow
 def test_register_prealign_dof_6_gives_a_rigid_prealignment(tmp_path):
     """``ugi-register --prealign-dof 6``: the summary holds the fit's report (6 dof) beside the
     pre-alignment affine, which is rigid although the moving brain is another, larger one."""

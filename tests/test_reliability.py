@@ -441,6 +441,7 @@ def test_existing_read_only_output_folder_exits_73(site, case_dir):
                          work=case_dir / "work", bids=bids, before=before)
 
 
+@pytest.mark.slow
 def test_output_on_a_read_only_mount_exits_73(site, case_dir):
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("a private read-only mount needs root and unshare")
@@ -677,6 +678,7 @@ def test_a_run_skips_the_bad_participant_and_cleans_a_dead_runs_staging(
     assert hidden == [out / ".bidsignore"], hidden
 
 
+@pytest.mark.slow
 def test_modality_check_on_real_ct_and_mri():
     """Real chest CTs (Hounsfield units) and real brain MRIs: each passes as itself, and is
     flagged as the other."""

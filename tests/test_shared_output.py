@@ -9,6 +9,8 @@ import multiprocessing
 import time
 from pathlib import Path
 
+import pytest
+
 from ugi_bids.engine.formats.staging import write_text_atomic
 from ugi_bids.utils.provenance import (
     write_bidsignore,
@@ -55,6 +57,7 @@ def _reader(out: str, seconds: float, queue) -> None:
     queue.put((broken, reads))
 
 
+@pytest.mark.slow
 def test_concurrent_writers_leave_whole_files_and_no_leftovers(tmp_path):
     bids = _raw_dataset(tmp_path / "bids")
     out = tmp_path / "derivatives" / "ugi-bids"

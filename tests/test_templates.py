@@ -228,6 +228,7 @@ def test_template_only_in_the_home(shared_home, tmp_path, monkeypatch):
         2, "bids:templateflow:tpl-Study/tpl-Study_res-02_T1w.nii.gz")
 
 
+@pytest.mark.slow
 def test_global_templateflow_client_is_reused(tmp_path):
     """On the home templateflow.api was imported with, its client (indexed already when
     niworkflows was imported) serves the look-ups. In a fresh interpreter: in this one,

@@ -430,7 +430,8 @@ def _report_skipped(skipped: dict[str, str]) -> int:
 
 
 def failed_nodes(config: Config) -> list[dict]:
-    """What the crash files of this run say, one entry per failed node: ``participant``
+    """What the crash files of this run say, one entry per failed node (by participant, then
+    step): ``participant``
     (label, or None), ``step`` (the node's path inside the participant's workflow), ``cause``
     (the exception's last line: our own errors' message, other exceptions' class name without
     its module and message) and ``crash_file``."""
@@ -457,7 +458,8 @@ def failed_nodes(config: Config) -> list[dict]:
                         if not is_sub) or node
         nodes.append({"participant": participant, "step": step, "cause": cause,
                       "crash_file": str(path)})
-    return nodes
+    return sorted(nodes, key=lambda node: (node["participant"] or "", node["step"],
+                                           node["crash_file"]))
 
 
 def report_failed_nodes(config: Config) -> int:

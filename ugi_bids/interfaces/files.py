@@ -32,10 +32,22 @@ from ..engine.spatial.volume import Volume, load_volume
 LOGGER = logging.getLogger(__name__)
 
 
-def _save(volume: Volume, path: str | os.PathLike, dtype=np.float32) -> str:
+def _save(volume: Volume, path: str | os.PathLike, dtype=np.float32,
+          codes: tuple[int, int] = (1, 1)) -> str:
     with staged_outputs(os.path.dirname(os.path.abspath(path))) as staged:
-        nib.save(volume.to_nifti(dtype=dtype), staged.stage(path))
+        nib.save(volume.to_nifti(dtype=dtype, codes=codes), staged.stage(path))
     return os.fspath(path)
+
+
+def xform_codes(reference_file: str) -> tuple[int, int]:
+    """The (qform, sform) codes of ``reference_file``'s header, for an image written on its
+    grid: it lies in the same space (a template's 4 = MNI stays 4, so the derivatives sink
+    copies the file instead of re-encoding it to fix its header). 0 becomes 1."""
+    header = nib.load(reference_file).header
+    try:
+        return tuple(int(header[name]) or 1 for name in ("qform_code", "sform_code"))
+    except (KeyError, ValueError):  # not NIfTI
+        return (1, 1)
 
 
 def normalise_image(in_file: str, modality: str, out_file: str, mask_file: str | None = None,
@@ -208,7 +220,7 @@ def resample_image(moving_file: str, transform_file: str | list[str], reference_
     warped = apply_transform(moving, read_transforms(transform_file), reference.grid,
                              interpolation)
     dtype = np.float32 if interpolation == "linear" else nib.load(moving_file).get_data_dtype()
-    return _save(warped, out_file, dtype)
+    return _save(warped, out_file, dtype, xform_codes(reference_file))
 
 
 def log_jacobian_image(transform_file: str, reference_file: str, out_file: str) -> float:
@@ -223,7 +235,7 @@ def log_jacobian_image(transform_file: str, reference_file: str, out_file: str) 
 
     reference = load_volume(reference_file, "reference image")
     det = jacobian_determinant(read_composite_h5(transform_file), reference.grid)
-    _save(Volume(reference.grid, log_jacobian(det)), out_file)
+    _save(Volume(reference.grid, log_jacobian(det)), out_file, codes=xform_codes(reference_file))
     return folding_fraction(det)
 
 

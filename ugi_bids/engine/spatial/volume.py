@@ -30,11 +30,13 @@ class Volume:
         grid, data = canonical(self.grid, self.data)
         return Volume(grid, data)
 
-    def to_nifti(self, dtype=np.float32) -> nib.Nifti1Image:
-        """A NIfTI image with this data and geometry (qform and sform both set)."""
+    def to_nifti(self, dtype=np.float32, codes: tuple[int, int] = (1, 1)) -> nib.Nifti1Image:
+        """A NIfTI image with this data and geometry: qform and sform both set, with ``codes``
+        (qform, sform; 1 = scanner, 4 = MNI, 2 = aligned to another image), units mm."""
         img = nib.Nifti1Image(np.asarray(self.data, dtype=dtype), self.grid.affine)
-        img.set_qform(self.grid.affine, code=1)
-        img.set_sform(self.grid.affine, code=1)
+        img.set_qform(self.grid.affine, code=int(codes[0]))
+        img.set_sform(self.grid.affine, code=int(codes[1]))
+        img.header.set_xyzt_units("mm")
         return img
 
 
