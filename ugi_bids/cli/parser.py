@@ -407,8 +407,10 @@ def _add_other(parser: argparse.ArgumentParser) -> None:
                             "on the command line override it")
     group.add_argument("--stop-on-first-crash", dest="stop_on_first_crash",
                        action="store_true",
-                       help="force stopping on first crash, even if a work directory was "
-                            "specified")
+                       help="stop at the first failure: a participant without an image or "
+                            "with an unusable one (exit 18/65, before anything is written), "
+                            "or the first failed step (otherwise those are reported and the "
+                            "others processed)")
     group.add_argument("--boilerplate-only", "--boilerplate_only", dest="boilerplate_only",
                        action="store_true", help="generate boilerplate only")
     # fMRIPrep's option, refused with one line until reports exist (hidden from --help)
