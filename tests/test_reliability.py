@@ -393,6 +393,9 @@ CASES = [
          prepare=lambda folder, site: (folder / "blocker").write_text("a file"),
          args=lambda bids, out, site, folder: resolved(
              app_args(bids, folder / "blocker" / "ugi-bids"), site)),
+    Case("bids_database_parent_is_a_file", 73, "BIDS database folder",
+         prepare=lambda folder, site: (folder / "blocker").write_text("a file"),
+         args=_with("--bids-database-dir", "@folder/blocker/db")),
     Case("work_parent_is_a_file", 73, "work folder",
          prepare=lambda folder, site: (folder / "blocker").write_text("a file"),
          args=_with("-w", "@folder/blocker/work")),
@@ -420,7 +423,7 @@ def test_matrix_case(site, case_dir, case):
         assert "()" not in line
     if case.after:
         assert case.after(case_dir)
-    if case.name in ("output_parent_is_a_file", "work_parent_is_a_file"):
+    if case.name.endswith("_parent_is_a_file"):
         # neither folder is made when the other cannot be
         assert sorted(p.name for p in case_dir.iterdir()) == ["bids", "blocker"]
 

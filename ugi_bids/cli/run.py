@@ -338,6 +338,8 @@ def run(config: Config) -> int:
     from ..workflows.base import init_ugi_wf
 
     check_output_folder(config.output_dir)
+    if config.bids_database_dir:
+        check_output_folder(config.bids_database_dir, "BIDS database folder")
     if config.analysis_level == "group":
         from ..utils.group import participants_with_results, run_group
 
