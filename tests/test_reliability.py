@@ -693,3 +693,20 @@ def test_modality_check_on_real_ct_and_mri():
     assert modality_warning(mri.data, "mri") is None
     assert "looks like a CT" in modality_warning(ct.data, "mri")
     assert "does not look like a CT" in modality_warning(mri.data, "ct")
+
+
+def test_failed_nodes_name_the_participant_and_step(tmp_path):
+    """Crash files of a participant's workflow and of its longitudinal template's
+    (``sub_01_template_wf``: the participant is 01, not "01_template")."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(output_dir=tmp_path, run_uuid="run1")
+    for folder, node, cause in (
+            ("sub-01", "ugi_wf.sub_01_template_wf.build", "ugi_bids.errors.InputDataError: blank"),
+            (None, "ugi_wf.sub_02_wf.register_wf.prealign", "numpy.linalg.LinAlgError: no")):
+        crash = (tmp_path / folder / "log" / "run1" if folder else tmp_path / "log" / "run1")
+        crash.mkdir(parents=True)
+        (crash / "crash-1.txt").write_text(f"Node: {node}\n\nTraceback:\n\t{cause}\n")
+    nodes = [(n["participant"], n["step"], n["cause"]) for n in cli_run.failed_nodes(config)]
+    assert nodes == [("01", "build", "blank"),
+                     ("02", "register_wf.prealign", "LinAlgError: no")]

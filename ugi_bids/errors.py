@@ -131,9 +131,15 @@ def one_line(text: object, limit: int | None = None) -> str:
     return line
 
 
+def print_error(prog: str, message: object, stream: TextIO | None = None) -> None:
+    """Print ``<prog>: error: <message on one line>`` on ``stream`` (stderr): the form of every
+    error line of the console scripts."""
+    print(f"{prog}: error: {one_line(message)}", file=stream or sys.stderr)
+
+
 def report(prog: str, error: UgiError, stream: TextIO | None = None) -> int:
     """Print ``<prog>: error: <one line>`` on ``stream`` (stderr); return the error's exit code."""
-    print(f"{prog}: error: {one_line(error)}", file=stream or sys.stderr)
+    print_error(prog, error, stream)
     return error.exit_code
 
 

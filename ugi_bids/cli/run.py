@@ -17,12 +17,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
 from ..config import Config
-from ..errors import InputDataError, NoDataError, UsageError, guarded, one_line
+from ..errors import InputDataError, NoDataError, UsageError, guarded, one_line, print_error
 from .parser import PROG, parse_args
 
 LOGGER = logging.getLogger("ugi_bids")
@@ -403,7 +404,7 @@ def run(config: Config) -> int:
             workflow.run(**settings)
     except RuntimeError as error:  # nipype: a node failed ("Workflow did not execute cleanly")
         if isinstance(error, DeadWorkerError):
-            print(f"ugi-bids: error: {one_line(error)}", file=sys.stderr)
+            print_error(PROG, error)
         else:
             report_failed_nodes(config)
         _report_skipped(skipped)
@@ -425,18 +426,24 @@ def _report_skipped(skipped: dict[str, str]) -> int:
     (1 when any was skipped, else 0)."""
     if not skipped:
         return 0
-    print("ugi-bids: error: {} participant(s) skipped for an unusable image: {}".format(
-        len(skipped), "; ".join(f"sub-{label}: {reason}" for label, reason in skipped.items())),
-        file=sys.stderr)
+    print_error(PROG, "{} participant(s) skipped for an unusable image: {}".format(
+        len(skipped), "; ".join(f"sub-{label}: {reason}" for label, reason in skipped.items())))
     return 1
+
+
+#: The name of a participant's workflow (``workflows.base``): ``sub_<label>_wf``.
+_PARTICIPANT_WF = re.compile(r"sub_([A-Za-z0-9]+)_wf")
 
 
 def failed_nodes(config: Config) -> list[dict]:
     """What the crash files of this run say, one entry per failed node (by participant, then
-    step): ``participant``
-    (label, or None), ``step`` (the node's path inside the participant's workflow), ``cause``
-    (the exception's last line: our own errors' message, other exceptions' class name without
-    its module and message) and ``crash_file``."""
+    step): ``participant`` (label, or None), ``step`` (the node's path inside the participant's
+    workflow), ``cause`` (the exception's last line: our own errors' message, other exceptions'
+    class name without its module and message) and ``crash_file``.
+
+    The participant is the crash file's folder (``OUTPUT_DIR/sub-<label>/log/<run>/``: each
+    participant's workflow writes its crashes there), else the ``sub_<label>_wf`` workflow the
+    node is in."""
     found = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*"))
     found += sorted((config.output_dir / "log" / config.run_uuid).glob("crash-*"))
     nodes = []
@@ -452,14 +459,16 @@ def failed_nodes(config: Config) -> list[dict]:
         if colon and " " not in kind:  # "package.module.SomeError: text"
             cause = text if kind.startswith("ugi_bids.errors.") else \
                 f"{kind.rsplit('.', 1)[-1]}: {text}"
-        parts = node.split(".")
-        in_participant = [part.startswith("sub_") and part.endswith("_wf") for part in parts]
-        participant = next((part[4:-3] for part, is_sub in zip(parts, in_participant)
-                            if is_sub), None)
-        step = ".".join(part for part, is_sub in zip(parts[1:], in_participant[1:])
-                        if not is_sub) or node
-        nodes.append({"participant": participant, "step": step, "cause": cause,
-                      "crash_file": str(path)})
+        top = path.relative_to(config.output_dir).parts[0]
+        parts = node.split(".")[1:]  # below the top workflow
+        # the crash file's folder; else the participant's workflow, sub_<label>_wf (base.py)
+        named = next((match[1] for match in map(_PARTICIPANT_WF.fullmatch, parts) if match),
+                     None)
+        participant = top[4:] if top.startswith("sub-") else named
+        # the node's path below the participant's workflow (or its template's), if any
+        below = next((i + 1 for i, part in enumerate(parts) if part.startswith("sub_")), 0)
+        nodes.append({"participant": participant, "step": ".".join(parts[below:]) or node,
+                      "cause": cause, "crash_file": str(path)})
     return sorted(nodes, key=lambda node: (node["participant"] or "", node["step"],
                                            node["crash_file"]))
 
@@ -471,11 +480,10 @@ def report_failed_nodes(config: Config) -> int:
     nodes = failed_nodes(config)
     for node in nodes:
         who = f"sub-{node['participant']}: " if node["participant"] else ""
-        print(f"ugi-bids: error: {who}{node['step']} failed: {one_line(node['cause'], 300)} "
-              f"(crash file: {node['crash_file']})", file=sys.stderr)
+        print_error(PROG, f"{who}{node['step']} failed: {one_line(node['cause'], 300)} "
+                          f"(crash file: {node['crash_file']})")
     if not nodes:
-        print(f"ugi-bids: error: processing failed; see the log folders in {config.output_dir}",
-              file=sys.stderr)
+        print_error(PROG, f"processing failed; see the log folders in {config.output_dir}")
     return max(len(nodes), 1)
 
 
