@@ -261,6 +261,10 @@ def check_outputs(out: Path, labels: list[str], template_centre: np.ndarray) -> 
                 continue
             try:
                 if path.suffix == ".h5":
+                    # a readability check, not an accuracy one: from-T1w_to-<space> maps
+                    # template (RAS mm) points to T1w points; the inverse maps T1w points, and
+                    # the template centre (world RAS mm) lies in every subject's head too (the
+                    # subjects are the template brains moved by at most 20 mm)
                     point = read_composite_h5(path).map_points(template_centre[None])
                     if not np.all(np.isfinite(point)):
                         problems.append(f"{path.name} maps the template centre to {point}")
